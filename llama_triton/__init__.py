@@ -1,0 +1,28 @@
+"""llama-triton: hand-written Triton kernels for LLaMA-family models, with drop-in nn.Module layers.
+
+Public functions are imported lazily (PEP 562), so ``import llama_triton`` does not import triton: the CLI
+must be able to switch on Triton's CPU interpreter (TRITON_INTERPRET=1) before any kernel is defined.
+
+    import llama_triton
+    y = llama_triton.rms_norm(x, weight, eps=1e-6)
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "rms_norm": "llama_triton.ops.rms_norm",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'llama_triton' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

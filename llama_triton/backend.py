@@ -1,0 +1,58 @@
+"""Backend dispatch: the one place that decides whether an op runs its Triton kernel or the PyTorch reference.
+
+Rules (DESIGN.md):
+  * CUDA tensors                                   -> Triton kernels
+  * CPU tensors with TRITON_INTERPRET=1            -> the same Triton kernels, in Triton's interpreter
+    (the variable must be set before `triton` is first imported: `@triton.jit` reads it at decoration time)
+  * anything else                                  -> llama_triton.reference
+  * LLAMA_TRITON_BACKEND=torch|triton forces a choice; forcing triton where it cannot run raises.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_CHOICES = ("auto", "torch", "triton")
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter is switched on (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def forced_backend() -> str:
+    """The value of LLAMA_TRITON_BACKEND ('auto' when unset); raises on an unknown value."""
+    choice = os.environ.get("LLAMA_TRITON_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"LLAMA_TRITON_BACKEND must be one of {_CHOICES}, got {choice!r}")
+    return choice
+
+
+def triton_can_run(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors of `device` in this process."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Decide the backend for an op whose main input is `tensor` (True: Triton kernel, False: reference)."""
+    choice = forced_backend()
+    if choice == "torch":
+        return False
+    can_run = triton_can_run(tensor.device)
+    if choice == "triton" and not can_run:
+        raise RuntimeError(
+            f"LLAMA_TRITON_BACKEND=triton but Triton cannot run on device {tensor.device}: use CUDA tensors, "
+            "or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter"
+        )
+    return can_run
+
+
+def describe() -> str:
+    """One line saying which backend CPU and CUDA tensors get, for CLI output."""
+    choice = forced_backend()
+    cpu = "torch reference" if choice == "torch" or not triton_can_run(torch.device("cpu")) else "triton (interpreter)"
+    gpu = "torch reference" if choice == "torch" else "triton"
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    return f"backend: LLAMA_TRITON_BACKEND={choice}; cpu tensors -> {cpu}; cuda tensors -> {gpu} ({cuda})"

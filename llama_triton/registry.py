@@ -1,0 +1,97 @@
+"""One OpSpec per op. The generic parity test (tests/test_registry.py), `llama-triton verify` and the
+benchmark runner (llama_triton/bench.py) iterate over REGISTRY, so a new op is tested, verified and
+benchmarked by adding one entry here.
+
+Shapes are dicts (e.g. ``{"rows": 17, "hidden": 4095}``): ``test_shapes`` are small enough for the CPU
+interpreter, ``bench_shapes`` are the GPU benchmark sweep.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import reference
+from .ops.rms_norm import rms_norm
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    fn: Callable                       # public op (dispatches to the Triton kernel where it can run)
+    reference: Callable                # llama_triton.reference function with the same signature
+    make_inputs: Callable              # (shape: dict, dtype, device) -> tuple of positional args
+    flops: Callable                    # (shape) -> FLOPs of one forward call (0 for memory-bound ops)
+    bytes: Callable                    # (shape, dtype, mode: "fwd" | "bwd") -> bytes moved at minimum
+    test_shapes: list = field(default_factory=list)
+    bench_shapes: list = field(default_factory=list)
+    grad_inputs: tuple = ()            # indices of args that get gradients (empty: forward-only op)
+    description: str = ""
+    config: Callable | None = None     # (shape, dtype) -> str: kernel config used (the autotuned choice)
+
+    @staticmethod
+    def label(shape: dict) -> str:
+        return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def _elt(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------------------------- RMSNorm
+def _rms_inputs(shape, dtype, device, residual=False):
+    rows, hidden = shape["rows"], shape["hidden"]
+    x = torch.randn(rows, hidden, dtype=dtype, device=device)
+    w = (1 + 0.1 * torch.randn(hidden, dtype=torch.float32, device=device)).to(dtype)
+    if residual:
+        return x, torch.randn(rows, hidden, dtype=dtype, device=device), w
+    return x, w
+
+
+def _rms_bytes(n_tensors_fwd, n_tensors_bwd):
+    def f(shape, dtype, mode):
+        n = n_tensors_fwd if mode == "fwd" else n_tensors_bwd
+        return n * shape["rows"] * shape["hidden"] * _elt(dtype) + shape["hidden"] * _elt(dtype)
+    return f
+
+
+_RMS_TEST_SHAPES = [
+    {"rows": 1, "hidden": 1}, {"rows": 3, "hidden": 5}, {"rows": 17, "hidden": 127},
+    {"rows": 4, "hidden": 4095}, {"rows": 2, "hidden": 16384},
+]
+_RMS_BENCH_SHAPES = [{"rows": r, "hidden": h} for h in (4096, 8192) for r in (4096, 8192, 16384, 32768)]
+
+REGISTRY: list[OpSpec] = [
+    OpSpec(
+        name="rms_norm",
+        fn=lambda x, w: rms_norm(x, w, 1e-6),
+        reference=lambda x, w: reference.rms_norm(x, w, 1e-6),
+        make_inputs=_rms_inputs,
+        flops=lambda s: 0,
+        bytes=_rms_bytes(2, 3),  # fwd: read x, write y; bwd: read dy, x, write dx
+        test_shapes=_RMS_TEST_SHAPES,
+        bench_shapes=_RMS_BENCH_SHAPES,
+        grad_inputs=(0, 1),
+        description="HF LlamaRMSNorm",
+    ),
+    OpSpec(
+        name="add_rms_norm",
+        fn=lambda x, r, w: rms_norm(x, w, 1e-6, residual=r),
+        reference=lambda x, r, w: reference.rms_norm(x, w, 1e-6, residual=r),
+        make_inputs=lambda s, d, dev: _rms_inputs(s, d, dev, residual=True),
+        flops=lambda s: 0,
+        bytes=_rms_bytes(4, 4),  # fwd: read x, r, write y, r+x; bwd: read dy, s, dres, write dx
+        test_shapes=_RMS_TEST_SHAPES,
+        bench_shapes=_RMS_BENCH_SHAPES,
+        grad_inputs=(0, 1, 2),
+        description="residual add fused with RMSNorm",
+    ),
+]
+
+
+def get(name: str) -> OpSpec:
+    for spec in REGISTRY:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no op named {name!r}; registered: {', '.join(s.name for s in REGISTRY)}")

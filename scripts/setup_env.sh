@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtualenv and install llama-triton into it, editable.
+#   usage: scripts/setup_env.sh EXTRAS        e.g. scripts/setup_env.sh test,hf,plot
+# Needs only python3. On a CPU machine torch comes from `torch==2.13.0` (the local CPU wheel; an unpinned
+# torch would pull a multi-GB CUDA build). A torch that is already importable is kept (GPU images bring
+# their own). A second run with the same setup.py and extras does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${LLAMA_TRITON_VENV:-.venv}
+EXTRAS=${1:-hf}
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+stamp="$VENV/.setup-stamp-${EXTRAS//,/-}"
+want=$(sha1sum setup.py scripts/setup_env.sh | sha1sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install -q torch==2.13.0
+fi
+"$PY" -m pip install -q -e ".[$EXTRAS]"
+echo "$want" > "$stamp"
