@@ -26,3 +26,82 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     h = x.to(_compute_dtype(x.dtype))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------- attention
+def attention_mask(seqlen_q: int, seqlen_k: int, causal: bool, window_size=(-1, -1), device=None) -> torch.Tensor:
+    """Boolean (seqlen_q, seqlen_k) mask, True where query i may attend key j (flash-attn conventions).
+
+    Query i sits at key position i + seqlen_k - seqlen_q (bottom-right alignment, flash-attn >= 2.1), so a
+    chunk of new queries attends to all earlier keys. causal: j <= that position. window (left, right),
+    -1 meaning unbounded: position - left <= j <= position + right (causal sets right = 0).
+    """
+    pos = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    left, right = window_size
+    if causal:
+        right = 0
+    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        mask &= j <= pos + right
+    if left >= 0:
+        mask &= j >= pos - left
+    return mask
+
+
+def _attention_dense(q, k, v, causal, softmax_scale, window_size):
+    """q (b, sq, h, d), k/v (b, sk, h_kv, d) -> out (b, sq, h, d) in q's dtype, lse (b, h, sq) fp32+."""
+    b, sq, h, d = q.shape
+    sk, h_kv = k.shape[1], k.shape[2]
+    ct = _compute_dtype(q.dtype)
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    qf = q.to(ct).transpose(1, 2)                                              # (b, h, sq, d)
+    kf = k.to(ct).transpose(1, 2).repeat_interleave(h // h_kv, dim=1)          # (b, h, sk, d)
+    vf = v.to(ct).transpose(1, 2).repeat_interleave(h // h_kv, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale                               # (b, h, sq, sk)
+    mask = attention_mask(sq, sk, causal, window_size, device=q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                                      # (b, h, sq), -inf if empty
+    probs = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(ct).min))   # empty rows -> exp(-inf) = 0
+    probs = torch.nan_to_num(probs, nan=0.0)
+    out = (probs @ vf).transpose(1, 2)                                         # (b, sq, h, d)
+    return out.to(q.dtype), lse
+
+
+def attention(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -1), cu_seqlens_q=None,
+              cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False):
+    """Softmax attention with flash-attn's interface and conventions (the oracle for flash/decode attention).
+
+    Dense: q (b, sq, h, d), k/v (b, sk, h_kv, d) with h % h_kv == 0 (GQA: query head i uses kv head
+    i // (h // h_kv)). Varlen: q (total_q, h, d), k/v (total_k, h_kv, d) with int32 cu_seqlens_q/k (n+1,).
+    Returns out like q (q's dtype) and, with return_lse, lse (b, h, sq) / (h, total_q) in fp32 (fp64 for
+    fp64 input). A query with no key to attend to gets out = 0 and lse = -inf.
+    """
+    if cu_seqlens_q is None:
+        out, lse = _attention_dense(q, k, v, causal, softmax_scale, window_size)
+        return (out, lse) if return_lse else out
+    outs, lses = [], []
+    for i in range(cu_seqlens_q.numel() - 1):
+        qs, qe = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
+        ks, ke = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
+        o, l = _attention_dense(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal, softmax_scale, window_size)
+        outs.append(o[0])
+        lses.append(l[0])
+    out, lse = torch.cat(outs, 0), torch.cat(lses, -1)
+    return (out, lse) if return_lse else out
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, window_size=(-1, -1)):
+    """Attention of a few new queries over a KV cache (flash-attn's flash_attn_with_kvcache semantics).
+
+    q (b, q_len, h, d); k_cache/v_cache (b, max_seqlen, h_kv, d); cache_seqlens int32 (b,): sequence i's
+    cache holds cache_seqlens[i] valid entries, the last q_len of which are the new tokens' own keys. Query t
+    (0-based) of sequence i attends causally to keys [0, cache_seqlens[i] - q_len + t] (bottom-right
+    alignment), within the window if one is given. -> out (b, q_len, h, d) in q's dtype.
+    """
+    outs = []
+    for i in range(q.shape[0]):
+        n = int(cache_seqlens[i])
+        outs.append(_attention_dense(q[i:i + 1], k_cache[i:i + 1, :n], v_cache[i:i + 1, :n], True, softmax_scale,
+                                     window_size)[0])
+    return torch.cat(outs, 0)
