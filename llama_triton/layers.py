@@ -38,3 +38,130 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+# ------------------------------------------------------------------------------ Attention, DecoderLayer
+def _layer_window(config, layer_idx: int):
+    """Sliding window of layer `layer_idx` (None: full attention); HF Mistral/Qwen2 conventions."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+class Attention(nn.Module):
+    """Drop-in for HF ``LlamaAttention(config, layer_idx)`` (and Mistral/Qwen2 attention): q/k/v/o_proj with
+    the config's bias flags, GQA, rotary via ``apply_rotary_pos_emb``, and three paths in ``forward``:
+
+    * ``cache=None, attention_mask=None`` (training, full-sequence forward): flash_attention, causal.
+    * ``cache`` a static ``KVCache`` (our model's inference): writes k/v at ``position_ids`` (b, s) int64,
+      then decode_attention over the cache (``fresh_cache=True``: the chunk starts an empty cache, so
+      flash_attention over the chunk itself).
+    * otherwise (inside a transformers model: HF ``Cache`` and/or HF padding mask): ``cache.update`` as HF
+      does, then ``llama_triton.attention.hf_attention_forward``.
+
+    ``forward(hidden_states (b, s, hidden), position_embeddings=(cos, sin) (b, s, head_dim), ...)`` ->
+    ``(out (b, s, hidden), None)``.
+    """
+
+    def __init__(self, config, layer_idx: int = 0, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim ** -0.5
+        self.attention_dropout = getattr(config, "attention_dropout", 0.0) or 0.0
+        self.is_causal = True
+        self.sliding_window = _layer_window(config, layer_idx)
+        bias = bool(getattr(config, "attention_bias", False))
+        o_bias = getattr(config, "o_proj_bias", None)
+        if getattr(config, "model_type", None) == "qwen2":
+            bias, o_bias = True, False
+        o_bias = bias if o_bias is None else bool(o_bias)
+        kw = dict(device=device, dtype=dtype)
+        h, nh, nkv, hd = config.hidden_size, self.num_heads, self.num_key_value_heads, self.head_dim
+        self.q_proj = nn.Linear(h, nh * hd, bias=bias, **kw)
+        self.k_proj = nn.Linear(h, nkv * hd, bias=bias, **kw)
+        self.v_proj = nn.Linear(h, nkv * hd, bias=bias, **kw)
+        self.o_proj = nn.Linear(nh * hd, h, bias=o_bias, **kw)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, position_ids=None,
+                fresh_cache: bool = False, **kwargs):
+        from . import _fallback
+        from .attention import cached_attention, causal_attention, hf_attention_forward
+
+        if position_embeddings is None:
+            raise ValueError("Attention.forward needs position_embeddings=(cos, sin) from RotaryEmbedding")
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if self.training and self.attention_dropout > 0:
+            raise NotImplementedError("Attention: attention dropout is not implemented; set attention_dropout=0")
+        b, s, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)                 # (b, s, h, d)
+        k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim)                 # (b, s, h_kv, d)
+        v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim)                 # (b, s, h_kv, d)
+        cos, sin = position_embeddings
+        q, k = _fallback.op("apply_rotary_pos_emb")(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (b, h, s, d)
+        if cache is None and attention_mask is None:
+            out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v, self.scaling, self.sliding_window)
+        elif hasattr(cache, "seqlens"):                                              # our static KVCache
+            if position_ids is None:
+                raise ValueError("Attention.forward with a KVCache needs position_ids (b, s) int64")
+            k_buf, v_buf = cache.update(position_ids.expand(b, s), k.transpose(1, 2), v)
+            if fresh_cache:
+                out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v, self.scaling, self.sliding_window)
+            else:
+                out = cached_attention(q.transpose(1, 2), k_buf, v_buf, cache.seqlens, self.scaling,
+                                       self.sliding_window)
+        else:                                                                        # inside transformers
+            v = v.transpose(1, 2)                                                    # (b, h_kv, s, d)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+            out, _ = hf_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling,
+                                          sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(b, s, -1)), None                              # (b, s, hidden)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "Attention":
+        """Build around an HF LlamaAttention / MistralAttention / Qwen2Attention, sharing its projections."""
+        if not all(hasattr(module, n) for n in ("config", "q_proj", "k_proj", "v_proj", "o_proj")):
+            raise TypeError(f"from_module needs an HF attention module with config and q/k/v/o_proj, "
+                            f"got {type(module).__name__}")
+        new = cls(module.config, getattr(module, "layer_idx", 0), device="meta")
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(new, name, getattr(module, name))
+        new.head_dim, new.scaling = module.head_dim, module.scaling
+        if hasattr(module, "sliding_window"):
+            new.sliding_window = module.sliding_window
+        return new
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "
+                f"sliding_window={self.sliding_window}")
+
+
+class DecoderLayer(nn.Module):
+    """Drop-in for HF ``LlamaDecoderLayer(config, layer_idx)``: x + attn(norm(x)), then + mlp(norm(.)), with the
+    second residual add fused into post_attention_layernorm. ``forward(hidden_states, ...)`` -> hidden_states."""
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        from . import _fallback
+
+        self.hidden_size = config.hidden_size
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = _fallback.layer("SwiGLUMLP")(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        residual = hidden_states
+        h = self.input_layernorm(hidden_states)
+        h, _ = self.self_attn(h, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                              cache=cache, position_ids=position_ids, **kwargs)
+        h, residual = self.post_attention_layernorm(h, residual)                    # residual + attn, normed
+        return residual + self.mlp(h)

@@ -1,0 +1,88 @@
+"""Attention dispatch for the model and for transformers' AttentionInterface.
+
+``causal_attention`` (prefill / training: flash_attention), ``cached_attention`` (decode over a static
+KVCache: decode_attention) and ``hf_attention_forward``, the function registered with transformers as
+``attn_implementation="llama_triton"``: it takes HF-shaped (b, h, s, d) tensors and HF's padding mask, and
+runs flash_attention on transposed views (varlen, unpadded, when there is padding).
+Each uses the Triton op when it exists in this checkout, else the reference (llama_triton._fallback).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _fallback
+
+
+def window_size(sliding_window: int | None) -> tuple[int, int]:
+    """HF sliding_window W (a query sees itself and the W - 1 keys before it) -> flash-attn (left, right)."""
+    return (int(sliding_window) - 1, 0) if sliding_window else (-1, -1)
+
+
+def causal_attention(q, k, v, softmax_scale=None, sliding_window=None):
+    """q (b, s, h, d), k/v (b, s, h_kv, d) -> (b, s, h, d): causal (bottom-right) attention, GQA, window."""
+    return _fallback.op("flash_attention")(q, k, v, causal=True, softmax_scale=softmax_scale,
+                                           window_size=window_size(sliding_window))
+
+
+def cached_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, sliding_window=None):
+    """q (b, q_len, h, d) over k/v_cache (b, max_seqlen, h_kv, d) holding cache_seqlens int32 (b,) valid
+    entries (the new tokens' keys included) -> (b, q_len, h, d)."""
+    return _fallback.op("decode_attention")(q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale,
+                                            window_size=window_size(sliding_window))
+
+
+def _masked_dense(q, k, v, mask, scale):
+    """Plain-torch attention under an arbitrary 4D mask (bool: True attends; float: additive), (b, s, h, d)."""
+    rep = q.shape[2] // k.shape[2]
+    qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))                # (b, h, s, d)
+    kf, vf = kf.repeat_interleave(rep, 1), vf.repeat_interleave(rep, 1)
+    scores = qf @ kf.transpose(-1, -2) * scale                                  # (b, h, sq, sk)
+    mask = mask[..., : k.shape[1]]
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0)
+    return (probs @ vf).transpose(1, 2).to(q.dtype)
+
+
+def hf_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                         sliding_window=None, **kwargs):
+    """transformers AttentionInterface function: query (b, h, sq, d), key/value (b, h_kv, sk, d) ->
+    (out (b, sq, h, d), None).
+
+    attention_mask is what the registered mask function gives (HF's flash-attention convention): None (no
+    padding: plain causal) or a 2D bool (b, n) padding mask over the n seen + new tokens, n <= sk (n < sk with
+    a StaticCache). With padding, q/k/v are unpadded and run as varlen flash attention, causal bottom-right
+    per sequence. A 4D mask (someone else's, e.g. a custom one) runs a plain-torch masked attention.
+    """
+    if dropout and getattr(module, "training", False):
+        raise NotImplementedError("llama_triton attention does not implement attention dropout; set "
+                                  "config.attention_dropout = 0")
+    if sliding_window is None:
+        sliding_window = getattr(module, "sliding_window", None)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (b, s, h, d) views
+    b, sq, h, d = q.shape
+    if attention_mask is None:
+        return causal_attention(q, k, v, scaling, sliding_window), None
+    if attention_mask.dim() == 4:
+        return _masked_dense(q, k, v, attention_mask, scaling if scaling is not None else d ** -0.5), None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be None, 2D (batch, seq) or 4D, got shape {tuple(attention_mask.shape)}")
+    mask = attention_mask.to(device=q.device, dtype=torch.bool)
+    sk = k.shape[1]
+    if mask.shape[1] > sk:          # sliding-window caches keep only the last sk keys
+        mask = mask[:, -sk:]
+    n = mask.shape[1]
+    k, v = k[:, :n], v[:, :n]       # a StaticCache: only the first n slots are filled
+    q_mask = mask[:, -sq:]          # the queries are the last sq positions
+    idx_k = mask.reshape(-1).nonzero().squeeze(1)
+    idx_q = q_mask.reshape(-1).nonzero().squeeze(1)
+    lens_k, lens_q = mask.sum(1, dtype=torch.int32), q_mask.sum(1, dtype=torch.int32)
+    cu_k = F.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_q = F.pad(lens_q.cumsum(0, dtype=torch.int32), (1, 0))
+    out = _fallback.op("flash_attention")(
+        q.reshape(b * sq, h, d)[idx_q], k.reshape(b * n, -1, d)[idx_k], v.reshape(b * n, -1, d)[idx_k],
+        causal=True, softmax_scale=scaling, window_size=window_size(sliding_window), cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k, max_seqlen_q=int(lens_q.max()), max_seqlen_k=int(lens_k.max()))
+    full = q.new_zeros(b * sq, h, d)
+    full[idx_q] = out
+    return full.view(b, sq, h, d), None

@@ -1,0 +1,148 @@
+"""Load and save Hugging Face-format checkpoints: config.json + model.safetensors, or shards listed in
+model.safetensors.index.json.
+
+Loading builds the model on the meta device, allocates it once on the target device/dtype, then copies one
+tensor at a time from the memory-mapped safetensors files (safe_open), so an 8B model never exists twice.
+Missing, unexpected or mis-shaped tensors raise one CheckpointError listing all of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# tensors some HF checkpoints carry that are derived, not learned (old LLaMA-2 exports)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's tensors do not match the model (the message lists every problem)."""
+
+
+def _parse_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def checkpoint_files(path) -> dict[str, str]:
+    """tensor name -> safetensors file path for the checkpoint directory `path` (single file or sharded)."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    index = os.path.join(path, INDEX)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        missing = sorted({fn for fn in weight_map.values() if not os.path.exists(os.path.join(path, fn))})
+        if missing:
+            raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
+        return {name: os.path.join(path, fn) for name, fn in weight_map.items()}
+    single = os.path.join(path, SINGLE)
+    if os.path.exists(single):
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {path!r}")
+
+
+def expected_tensors(model) -> dict[str, tuple]:
+    """name -> shape of every tensor the checkpoint must provide (tied lm_head excluded, buffers excluded)."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}   # tied weights appear once
+    return shapes
+
+
+def load_pretrained(path, dtype=None, device=None, strict: bool = True):
+    """A LlamaForCausalLM from HF-format directory `path`, its weights in `dtype` (default: the checkpoint's
+    own dtype) on `device` (default cpu)."""
+    from safetensors import safe_open
+
+    from .config import LlamaConfig
+    from .model import LlamaForCausalLM
+
+    config = LlamaConfig.from_hf_config(path)
+    dtype = _parse_dtype(dtype)
+    device = torch.device(device or "cpu")
+    files = checkpoint_files(path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = expected_tensors(model)
+
+    # check every name and shape before allocating anything
+    ckpt_shapes, ckpt_dtypes = {}, {}
+    by_file: dict[str, list[str]] = {}
+    for name, fn in files.items():
+        by_file.setdefault(fn, []).append(name)
+    for fn, names in by_file.items():
+        with safe_open(fn, framework="pt") as f:
+            for name in names:
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                sl = f.get_slice(name)
+                ckpt_shapes[name] = tuple(sl.get_shape())
+                ckpt_dtypes[name] = sl.get_dtype()
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = sorted(set(expected) - set(ckpt_shapes))
+    unexpected = sorted(n for n in set(ckpt_shapes) - set(expected) if not (tied and n == "lm_head.weight"))
+    mis_shaped = sorted(f"{n}: checkpoint {ckpt_shapes[n]} vs model {expected[n]}"
+                        for n in set(expected) & set(ckpt_shapes) if ckpt_shapes[n] != expected[n])
+    if strict and (missing or unexpected or mis_shaped):
+        lines = [f"checkpoint {os.fspath(path)!r} does not match {config.model_type} config:"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+            if items:
+                lines.append(f"  {label} ({len(items)}): " + ", ".join(items))
+        raise CheckpointError("\n".join(lines))
+
+    if dtype is None:
+        dtype = _DTYPES.get(config.torch_dtype or "", None) or _DTYPES.get(
+            {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(next(iter(ckpt_dtypes.values()), ""), ""),
+            torch.float32)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()                                          # to_empty un-ties shared parameters
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for fn, names in by_file.items():
+            with safe_open(fn, framework="pt", device="cpu") as f:
+                for name in names:
+                    if name in params:
+                        params[name].copy_(f.get_tensor(name))   # one tensor at a time
+    model.model.reset_rotary(device)
+    return model.eval()
+
+
+def save_pretrained(model, path, max_shard_size: int | None = None) -> None:
+    """Write config.json and model.safetensors, or shards of at most `max_shard_size` bytes + the index."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    cfg = model.config.to_hf_dict()
+    cfg["dtype"] = str(model.dtype).replace("torch.", "")
+    with open(os.path.join(path, CONFIG), "w") as f:
+        json.dump(cfg, f, indent=2)
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}  # tied: stored once
+    if not max_shard_size:
+        save_file(tensors, os.path.join(path, SINGLE), metadata={"format": "pt"})
+        return
+    shards, cur, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_size:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name], size = t, size + nbytes
+    shards.append(cur)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, fn), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fn
+            total += t.numel() * t.element_size()
+    with open(os.path.join(path, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

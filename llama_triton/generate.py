@@ -1,0 +1,127 @@
+"""Text generation for llama_triton.model.LlamaForCausalLM: prefill, then one token at a time over static
+KV caches (fixed shapes, no host sync inside a step, so the decode step can be captured by CUDA graphs or
+torch.compile on a GPU).
+
+    ids = generate(model, input_ids, max_new_tokens=32)                                   # greedy
+    ids = generate(model, input_ids, 32, temperature=0.8, top_k=50, top_p=0.95, eos_token_id=2,
+                   attention_mask=mask, streamer=lambda tok: print(tok))                 # sampled, batched
+"""
+from __future__ import annotations
+
+import torch
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens from logits (b, vocab): greedy when temperature <= 0, else temperature / top-k / top-p
+    (nucleus) sampling. -> (b,) int64. No host synchronisation (exponential-race sampling, as gpt-fast)."""
+    if not temperature or temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(int(top_k), logits.shape[-1]), dim=-1).values[:, -1:]   # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs > top_p              # keep the smallest prefix with mass > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, -1)
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def _right_align(input_ids, attention_mask):
+    """Move each row's valid tokens (mask 1) to the front, keeping their order -> (ids, lengths int64 (b,))."""
+    mask = attention_mask.to(torch.bool)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices                 # valid first
+    return input_ids.gather(1, order), mask.sum(1)
+
+
+class DecodeStep:
+    """One decode step over static caches: tokens (b, 1), positions (b, 1) int64 -> logits (b, vocab) fp32.
+
+    With ``compile=True`` the step goes through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on a GPU).
+    """
+
+    def __init__(self, model, caches, compile: bool = False):
+        self.model, self.caches = model, caches
+        self.fn = torch.compile(self._step, mode="reduce-overhead", dynamic=False) if compile else self._step
+
+    def _step(self, tokens, positions):
+        return self.model(tokens, position_ids=positions, caches=self.caches).logits[:, -1].float()
+
+    def __call__(self, tokens, positions):
+        return self.fn(tokens, positions)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             attention_mask: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None,
+             streamer=None, pad_token_id: int | None = None, generator: torch.Generator | None = None,
+             compile: bool = False) -> torch.Tensor:
+    """Generate `max_new_tokens` tokens after each prompt.
+
+    Args:
+        input_ids: (b, L) int64 prompts. Prompts of different lengths: pass ``attention_mask`` (b, L) with 0 at
+            padding (left or right padding, as HF tokenizers produce) or ``prompt_lengths`` (b,) for
+            right-padded rows. Each sequence keeps its own length in the cache (ragged cache_seqlens): no
+            padding token is ever attended to.
+        temperature / top_k / top_p: 0 temperature = greedy; otherwise sampling (``generator`` for seeding).
+        eos_token_id: a finished row gets ``pad_token_id`` (default: eos) afterwards; stops when all finished.
+        streamer: called with each step's tokens (b,) int64 (or an object with HF's put()/end()).
+        compile: capture the decode step with torch.compile(mode="reduce-overhead") (GPU).
+
+    Returns:
+        (b, L + max_new_tokens) int64: ``input_ids`` as given, followed by the new tokens.
+    """
+    if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+        raise TypeError(f"input_ids must be a (batch, seq) int64 tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    b, L = input_ids.shape
+    device = input_ids.device
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+        ids, lengths = _right_align(input_ids, attention_mask.to(device))
+    elif prompt_lengths is not None:
+        ids, lengths = input_ids, torch.as_tensor(prompt_lengths, device=device).long()
+        if lengths.shape != (b,) or bool((lengths > L).any()):
+            raise ValueError(f"prompt_lengths must be (batch,) values <= {L}, got {prompt_lengths}")
+    else:
+        ids, lengths = input_ids, torch.full((b,), L, device=device, dtype=torch.long)
+    if bool((lengths < 1).any()):
+        raise ValueError("every prompt needs at least one token (attention_mask / prompt_lengths has a 0 row)")
+    if max_new_tokens == 0:
+        return input_ids.clone()
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+
+    caches = model.make_caches(b, L + max_new_tokens, device=device)
+    hidden = model.model(ids, caches=caches, fresh_cache=True)                        # (b, L, hidden): prefill
+    for c in caches:                                                                  # ragged lengths
+        c.seqlens.copy_(lengths.to(torch.int32))
+    last = hidden.gather(1, (lengths - 1)[:, None, None].expand(b, 1, hidden.shape[-1]))   # (b, 1, hidden)
+    logits = model.lm_head(last)[:, -1].float()                                       # (b, vocab)
+
+    step = DecodeStep(model, caches, compile=compile)
+    out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    positions = lengths[:, None].clone()                                              # (b, 1) next position
+    for t in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, top_p, generator)                    # (b,)
+        if eos_token_id is not None:
+            tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            finished |= tok == eos_token_id
+        out[:, t] = tok
+        if streamer is not None:
+            streamer.put(tok) if hasattr(streamer, "put") else streamer(tok)
+        if t == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            break
+        logits = step(tok[:, None], positions)
+        positions += 1
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
+    return torch.cat([input_ids, out], 1)

@@ -1,0 +1,145 @@
+"""LlamaForCausalLM built from llama_triton.layers, with Hugging Face parameter names.
+
+    model = LlamaForCausalLM(LlamaConfig.preset("tiny")).init_weights(seed=0)
+    out = model(input_ids, labels=input_ids)                  # training: full sequence, out.logits, out.loss
+    model = LlamaForCausalLM.from_pretrained("dir", dtype=torch.bfloat16, device="cuda")
+    ids = model.generate(input_ids, max_new_tokens=32)        # prefill + decode over a static KVCache per layer
+
+Parameter names match transformers (``model.embed_tokens.weight``, ``model.layers.0.self_attn.q_proj.weight``,
+``model.layers.0.mlp.gate_proj.weight``, ``model.norm.weight``, ``lm_head.weight``), so HF checkpoints load
+unchanged (llama_triton.checkpoint). Layers whose Triton op has not been built in this checkout run a visible
+plain-torch stand-in (llama_triton._fallback.status()).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _fallback
+from .config import PRESETS, LlamaConfig  # noqa: F401  (re-exported: llama_triton.model.LlamaConfig)
+from .layers import DecoderLayer, RMSNorm
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor                 # (b, s, vocab) (only the last logits_to_keep positions when given)
+    loss: torch.Tensor | None = None     # scalar fp32 mean next-token cross-entropy over labels != -100
+
+
+class LlamaModel(nn.Module):
+    """embed_tokens -> layers -> norm. ``forward(input_ids (b, s), position_ids, caches)`` -> (b, s, hidden)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = _fallback.layer("RotaryEmbedding")(config)
+
+    def reset_rotary(self, device=None) -> None:
+        """Rebuild the rotary tables (fp32) on `device`: after a meta-device build or a dtype cast."""
+        self.rotary_emb = _fallback.layer("RotaryEmbedding")(self.config, device=device)
+
+    def forward(self, input_ids, position_ids=None, caches=None, fresh_cache: bool = False):
+        b, s = input_ids.shape
+        x = self.embed_tokens(input_ids)                                              # (b, s, hidden)
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device)[None].expand(b, s)
+            if caches is not None and not fresh_cache:
+                position_ids = position_ids + caches[0].seqlens[:, None].long()
+        cos, sin = self.rotary_emb(x, position_ids)                                   # (b, s, head_dim)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, position_ids=position_ids, cache=None if caches is None else caches[i],
+                      position_embeddings=(cos, sin), fresh_cache=fresh_cache)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """LLaMA-family causal LM (Llama 2/3/3.1/3.2, Mistral, Qwen2 configurations) over our Triton layers."""
+
+    def __init__(self, config):
+        super().__init__()
+        if isinstance(config, str):
+            config = LlamaConfig.preset(config)
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """lm_head shares embed_tokens' weight when config.tie_word_embeddings (LLaMA-3.2 1B/3B)."""
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "LlamaForCausalLM":
+        """Deterministic random weights (HF's init: normal(0, std), zero biases, unit norms); returns self."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, input_ids, labels=None, position_ids=None, caches=None, fresh_cache: bool = False,
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids (b, s) int64 -> CausalLMOutput(logits (b, s, vocab), loss).
+
+        Training / scoring: ``caches=None`` (flash attention over the whole sequence); ``labels`` (b, s) gives
+        HF's shifted next-token loss (ignore_index -100, fp32). Inference: ``caches`` from ``make_caches``,
+        ``position_ids`` (b, s) the tokens' absolute positions (default: each cache's seqlens onward);
+        ``fresh_cache=True`` for a prefill into empty caches. ``logits_to_keep=n`` keeps the last n positions.
+        """
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be (batch, seq) int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        hidden = self.model(input_ids, position_ids, caches, fresh_cache)               # (b, s, hidden)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)                                                    # (b, s, vocab)
+        loss = None
+        if labels is not None:
+            shift = F.pad(labels, (0, 1), value=-100)[:, 1:]                             # (b, s)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100)
+        return CausalLMOutput(logits, loss)
+
+    def make_caches(self, batch: int, max_seqlen: int, dtype=None, device=None) -> list:
+        """One static KVCache per layer: (batch, max_seqlen, n_kv_heads, head_dim) buffers."""
+        c = self.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        cls = _fallback.layer("KVCache")
+        return [cls(batch, max_seqlen, c.num_key_value_heads, head_dim, dtype=dtype or self.dtype,
+                    device=device or self.device) for _ in range(c.num_hidden_layers)]
+
+    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        """See llama_triton.generate.generate."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "LlamaForCausalLM":
+        """Load a HF-format directory (config.json + model.safetensors or a sharded index)."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, max_shard_size: int | None = None) -> None:
+        """Write config.json + model.safetensors (or shards + index) that transformers loads."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
