@@ -1,0 +1,646 @@
+"""Flash attention (FlashAttention-2 algorithm) forward and backward, flash-attn layout and conventions.
+
+Layout: q ``(batch, seqlen_q, heads, head_dim)``, k/v ``(batch, seqlen_k, heads_kv, head_dim)``, any
+strides (all four are passed to the kernels, so an HF ``(b, h, s, d)`` tensor transposed is read in place);
+varlen: ``(total_tokens, heads, head_dim)`` packed sequences with int32 ``cu_seqlens`` ``(n_seqs + 1,)``.
+GQA/MQA: query head ``i`` reads kv head ``i // (heads // heads_kv)``; k/v are never repeated.
+
+Masking (flash-attn >= 2.1): query ``i`` sits at key position ``i + seqlen_k - seqlen_q`` (bottom right);
+key ``j`` is visible when ``pos - left <= j <= pos + right`` (``-1``: unbounded; causal means right = 0).
+Rows with nothing visible give out = 0 and lse = -inf. K/V blocks that are fully masked are never visited,
+and blocks that are fully visible skip the mask arithmetic (three loop phases: masked, full, masked).
+
+Forward: one program per (query block, head, batch): online softmax in fp32 (exp2 with the scale folded
+in), writes out (q's dtype) and lse (fp32, natural log).
+Backward (deterministic, no atomics): ``delta = rowsum(dO * O) - dlse`` (preprocess kernel); a dk/dv
+kernel with one program per (key block, kv head, batch) that loops over the query heads of its GQA group
+and their query blocks (so dk/dv are summed over the group in registers); a dq kernel with one program per
+(query block, head, batch) that loops over key blocks.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# --------------------------------------------------------------------------------------- autotune configs
+def _smem_ok(block_d: int, blocks: int, stages: int, elt: int = 2, budget: int = 200 * 1024) -> bool:
+    return elt * block_d * blocks * max(stages, 1) <= budget
+
+
+def _fwd_configs():
+    """Forward: BLOCK_M queries x BLOCK_N keys. One small config under the interpreter."""
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+               if not (bm == 64 and w == 8) and bn <= bm]
+    configs.append(triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1))  # always fits
+    return configs
+
+
+def _fwd_prune(configs, named_args, **kwargs):
+    d = {**named_args, **kwargs}["BLOCK_D"]
+    keep = [c for c in configs if _smem_ok(d, c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"], c.num_stages)
+            and (d < 256 or c.kwargs["BLOCK_N"] <= 64)]
+    return keep or configs[-1:]
+
+
+def _bwd_configs():
+    """dk/dv (BLOCK_N keys resident, loop over BLOCK_M queries) and dq (BLOCK_M queries resident)."""
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn in ((32, 64), (32, 128), (64, 64), (64, 128), (128, 64)) for w in (4, 8) for s in (2, 3)]
+    configs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1))  # always fits
+    return configs
+
+
+def _bwd_prune(configs, named_args, **kwargs):
+    d = {**named_args, **kwargs}["BLOCK_D"]
+    keep = [c for c in configs if _smem_ok(d, 2 * c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"], c.num_stages)
+            and (d < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+    return keep or configs[-1:]
+
+
+def _seq_bucket(n: int) -> int:
+    """Autotune key for a sequence length: its power-of-2 bucket (a new length never forces a re-tune)."""
+    return min(max(triton.next_power_of_2(max(int(n), 1)), 64), 32768)
+
+
+# ------------------------------------------------------------------------------------- shared jit helpers
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(first token, length) of sequence off_b in q and in k (dense: (0, seqlen))."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + off_b)
+        q_len = tl.load(CU_Q + off_b + 1) - q_start
+        k_start = tl.load(CU_K + off_b)
+        k_len = tl.load(CU_K + off_b + 1) - k_start
+    else:
+        q_start = 0
+        q_len = seqlen_q
+        k_start = 0
+        k_len = seqlen_k
+    return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _kv_range(m0, q_len, k_len, window_left, window_right,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of query block [m0, m0 + BLOCK_M) as block-aligned phases:
+    [lo, full_lo) masked, [full_lo, full_hi) fully visible, [full_hi, hi) masked."""
+    diff = k_len - q_len                                   # query i sits at key position i + diff
+    lo = 0
+    hi = k_len
+    full_lo = 0
+    full_hi = k_len // BLOCK_N * BLOCK_N                   # the ragged last block needs the j < k_len mask
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + diff - window_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + diff - window_left, 0), BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, tl.maximum(m0 + BLOCK_M + diff + window_right, 0))
+        full_hi = tl.minimum(full_hi, tl.maximum(m0 + diff + window_right + 1, 0) // BLOCK_N * BLOCK_N)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _q_range(n0, q_len, k_len, window_left, window_right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query range that sees key block [n0, n0 + BLOCK_N), as phases like _kv_range (masked, full, masked).
+    Keys past k_len only feed dk/dv rows that are never stored, so no k_len mask is needed here."""
+    diff = k_len - q_len
+    lo = 0
+    hi = q_len
+    full_lo = 0
+    full_hi = q_len
+    if HAS_RIGHT:   # i + diff + right >= j
+        lo = tl.maximum(n0 - window_right - diff, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - window_right - diff, 0), BLOCK_M) * BLOCK_M
+    if HAS_LEFT:    # i + diff - left <= j
+        hi = tl.minimum(hi, tl.maximum(n0 + BLOCK_N + window_left - diff, 0))
+        full_hi = tl.maximum(n0 + window_left - diff + 1, 0) // BLOCK_M * BLOCK_M
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _visible(rows_pos, cols, k_len, window_left, window_right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(len(rows_pos), len(cols)) boolean: key cols[j] is visible to the query at key position rows_pos[i]."""
+    keep = cols[None, :] < k_len
+    if HAS_RIGHT:
+        keep = keep & (cols[None, :] <= rows_pos[:, None] + window_right)
+    if HAS_LEFT:
+        keep = keep & (cols[None, :] >= rows_pos[:, None] - window_left)
+    return keep
+
+
+# ------------------------------------------------------------------------------------------------ forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+               rows_pos, k_len, lo, hi, qk_scale, window_left, window_right,
+               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        base = tl.cast(start_n, tl.int64)
+        kt_ptrs = K + base * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, N)
+        v_ptrs = V + base * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd   # (N, D)
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & (cols[None, :] < k_len), other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                         # (M, N), log2 units
+        if MASKED:
+            qk = tl.where(_visible(rows_pos, cols, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                          qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                          # empty so far
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(cols[:, None] < k_len) & d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_fwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"],
+                 prune_configs_by={"early_config_prune": _fwd_prune})
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K,                                # pointers
+    seqlen_q, seqlen_k, group, seq_bucket,                      # sizes (dense lengths; heads per kv head)
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh,                                       # lse: (b, h, sq) or (h, total_q)
+    qk_scale, window_left, window_right,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)         # longest (causal) blocks first
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    off_hk = off_h // group
+    b64 = off_b.to(tl.int64)
+    q_row0 = q_start.to(tl.int64) + m0
+    Q += b64 * stride_qb + q_row0 * stride_qm + off_h.to(tl.int64) * stride_qh
+    O += b64 * stride_ob + q_row0 * stride_om + off_h.to(tl.int64) * stride_oh
+    K += b64 * stride_kb + k_start.to(tl.int64) * stride_kn + off_hk.to(tl.int64) * stride_kh
+    V += b64 * stride_vb + k_start.to(tl.int64) * stride_vn + off_hk.to(tl.int64) * stride_vh
+    LSE += b64 * stride_lb + off_h.to(tl.int64) * stride_lh + q_row0
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (m0 + offs_m) < q_len
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)  # (M, D)
+    rows_pos = m0 + offs_m + (k_len - q_len)                   # key position of each query (bottom right)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _kv_range(m0, q_len, k_len, window_left, window_right,
+                                         HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
+                               lo, full_lo, qk_scale, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
+                               full_lo, full_hi, qk_scale, window_left, window_right, False, HAS_LEFT, HAS_RIGHT,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
+                               full_hi, hi, qk_scale, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+
+    empty = l_i == 0.0                                          # nothing visible: out 0, lse -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=tile_ok)
+    tl.store(LSE + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA, CU_Q,
+    seqlen_q,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_lb, stride_lh,                                       # shared by dlse and delta (lse layout)
+    IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse (fp32), lse layout."""
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2)
+    q_start, q_len, _, _ = _seq_bounds(CU_Q, CU_Q, off_b, seqlen_q, seqlen_q, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    b64 = off_b.to(tl.int64)
+    row0 = q_start.to(tl.int64) + m0
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (m0 + offs_m) < q_len
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b64 * stride_ob + row0 * stride_om + off_h * stride_oh
+                + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=tile_ok, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + row0 * stride_dom + off_h * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=tile_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse_off = b64 * stride_lb + off_h * stride_lh + row0 + offs_m
+    if HAS_DLSE:   # d lse_i / d s_ij = p_ij, so an lse gradient just shifts delta
+        delta -= tl.load(DLSE + lse_off, mask=row_ok, other=0.0)
+    tl.store(DELTA + lse_off, delta, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,
+                    cols, k_len, q_len, lo, hi, qk_scale, window_left, window_right,
+                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < q_len
+        base = tl.cast(start_m, tl.int64)
+        tile_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + base * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=tile_ok, other=0.0)                                               # (M, D)
+        do = tl.load(DO + base * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=tile_ok, other=0.0)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634        # empty row: p = 0
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale                  # (N, M), log2 units
+        pt = tl.math.exp2(st - lse[None, :])
+        if MASKED:
+            pt = tl.where(tl.trans(_visible(rows + (k_len - q_len), cols, k_len, window_left, window_right,
+                                            HAS_LEFT, HAS_RIGHT)), pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)                   # (N, D)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)                           # (N, M)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)                     # (N, D)
+    return dk, dv
+
+
+@triton.autotune(configs=_bwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"],
+                 prune_configs_by={"early_config_prune": _bwd_prune})
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    seqlen_q, seqlen_k, group, seq_bucket,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_lb, stride_lh,
+    qk_scale, sm_scale, window_left, window_right,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    off_hk = tl.program_id(1)
+    off_b = tl.program_id(2)
+    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= k_len:
+        return
+    b64 = off_b.to(tl.int64)
+    k_row0 = k_start.to(tl.int64) + n0
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_ok = ((n0 + offs_n) < k_len)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    hk64 = off_hk.to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + k_row0 * stride_kn + hk64 * stride_kh
+                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=tile_ok, other=0.0)  # (N, D)
+    v = tl.load(V + b64 * stride_vb + k_row0 * stride_vn + hk64 * stride_vh
+                + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=tile_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    cols = n0 + offs_n
+    lo, full_lo, full_hi, hi = _q_range(n0, q_len, k_len, window_left, window_right,
+                                        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    q_row0 = q_start.to(tl.int64)
+    for g in range(0, group):                                   # the query heads sharing this kv head
+        h64 = (off_hk * group + g).to(tl.int64)
+        Qh = Q + b64 * stride_qb + q_row0 * stride_qm + h64 * stride_qh
+        DOh = DO + b64 * stride_dob + q_row0 * stride_dom + h64 * stride_doh
+        LSEh = LSE + b64 * stride_lb + h64 * stride_lh + q_row0
+        DELTAh = DELTA + b64 * stride_lb + h64 * stride_lh + q_row0
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_qd, stride_dom, stride_dod,
+                                 cols, k_len, q_len, lo, full_lo, qk_scale, window_left, window_right,
+                                 True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_qd, stride_dom, stride_dod,
+                                 cols, k_len, q_len, full_lo, full_hi, qk_scale, window_left, window_right,
+                                 False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_qd, stride_dom, stride_dod,
+                                 cols, k_len, q_len, full_hi, hi, qk_scale, window_left, window_right,
+                                 True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dk *= sm_scale
+    tl.store(DK + b64 * stride_dkb + k_row0 * stride_dkn + hk64 * stride_dkh
+             + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=tile_ok)
+    tl.store(DV + b64 * stride_dvb + k_row0 * stride_dvn + hk64 * stride_dvh
+             + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                  rows_pos, k_len, lo, hi, qk_scale, window_left, window_right,
+                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        base = tl.cast(start_n, tl.int64)
+        if MASKED:
+            tile_ok = (cols[:, None] < k_len) & d_ok[None, :]
+        else:
+            tile_ok = d_ok[None, :]
+        k = tl.load(K + base * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=tile_ok, other=0.0)                                               # (N, D)
+        v = tl.load(V + base * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=tile_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale                  # (M, N)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(_visible(rows_pos, cols, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)                            # (M, N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)                      # (M, D)
+    return dq
+
+
+@triton.autotune(configs=_bwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"],
+                 prune_configs_by={"early_config_prune": _bwd_prune})
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    seqlen_q, seqlen_k, group, seq_bucket,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    stride_lb, stride_lh,
+    qk_scale, sm_scale, window_left, window_right,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # the dk/dv configs are tuned with BLOCK_N keys >= BLOCK_M queries; the dq kernel swaps the roles
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
+    m0 = pid_m * BLOCK_N
+    if m0 >= q_len:
+        return
+    off_hk = off_h // group
+    b64 = off_b.to(tl.int64)
+    h64 = off_h.to(tl.int64)
+    q_row0 = q_start.to(tl.int64) + m0
+    offs_m = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (m0 + offs_m) < q_len
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + q_row0 * stride_qm + h64 * stride_qh
+                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + q_row0 * stride_dom + h64 * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=tile_ok, other=0.0)
+    lse_off = b64 * stride_lb + h64 * stride_lh + q_row0 + offs_m
+    lse = tl.load(LSE + lse_off, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634          # empty row: p = 0
+    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+    K += b64 * stride_kb + k_start.to(tl.int64) * stride_kn + off_hk.to(tl.int64) * stride_kh
+    V += b64 * stride_vb + k_start.to(tl.int64) * stride_vn + off_hk.to(tl.int64) * stride_vh
+    rows_pos = m0 + offs_m + (k_len - q_len)
+    dq = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _kv_range(m0, q_len, k_len, window_left, window_right,
+                                         HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_M)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
+                       lo, full_lo, qk_scale, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
+                       HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
+                       full_lo, full_hi, qk_scale, window_left, window_right, False, HAS_LEFT, HAS_RIGHT,
+                       HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
+                       full_hi, hi, qk_scale, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
+                       HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + b64 * stride_dqb + q_row0 * stride_dqm + h64 * stride_dqh
+             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=tile_ok)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def _int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_inputs(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -1), cu_seqlens_q=None,
+                 cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, check_values=True):
+    """Validate flash_attention's arguments; raises TypeError/ValueError naming the argument.
+
+    Returns ``(softmax_scale, window_left, window_right, max_seqlen_q, max_seqlen_k)`` with the defaults
+    filled in: scale ``head_dim ** -0.5``; causal folded into ``window_right = 0``; dense max seqlens are
+    the seqlens; varlen ones are read from cu_seqlens when not given (a device -> host copy). With
+    ``check_values`` (the public function) the cu_seqlens values are checked: they start at 0, never
+    decrease, end at the token count, and the given max_seqlen_* cover every sequence.
+    """
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, FLOAT_DTYPES, ndim=3 if varlen else 4)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if k.shape != v.shape:
+        raise ValueError(f"k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; they must match")
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    heads_kv = k.shape[-2]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k has head_dim {k.shape[-1]} but q has {head_dim}; they must match")
+    if head_dim % 8 or not 8 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {head_dim}")
+    if heads_kv == 0 or heads % heads_kv:
+        raise ValueError(f"q's heads ({heads}) must be a multiple of k/v's heads ({heads_kv}) (GQA)")
+    if heads > 65535:
+        raise ValueError(f"q has {heads} heads; at most 65535 are supported")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is None:
+        softmax_scale = head_dim ** -0.5
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or softmax_scale != softmax_scale:
+        raise ValueError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"window_size must be a (left, right) pair, got {window_size!r}")
+    left, right = (_int(f"window_size[{i}]", w, -1) for i, w in enumerate(window_size))
+    if causal:
+        right = 0
+
+    if not varlen:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k has batch {k.shape[0]} but q has {q.shape[0]}; they must match")
+        if q.shape[0] > 65535:
+            raise ValueError(f"q has batch {q.shape[0]}; at most 65535 are supported")
+        return float(softmax_scale), left, right, q.shape[1], k.shape[1]
+
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
+        raise ValueError(f"varlen mode needs both cu_seqlens_q and cu_seqlens_k; {missing} is None")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, (torch.int32,), ndim=1)
+        if not 2 <= cu.numel() <= 65536:
+            raise ValueError(f"{name} must hold n_seqs + 1 offsets with 1 <= n_seqs <= 65535, got {cu.numel()}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has "
+                         f"{cu_seqlens_k.numel()}; they must match")
+    maxima = []
+    for name, cu, total, given in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                   ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        mname = name.replace("cu_seqlens", "max_seqlen")
+        if given is not None:
+            _int(mname, given, 0)
+        if check_values or given is None:
+            offs = cu.tolist()
+            lens = [b - a for a, b in zip(offs[:-1], offs[1:])]
+            if offs[0] != 0 or min(lens) < 0 or offs[-1] != total:
+                raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}, "
+                                 f"got {offs if len(offs) <= 16 else str(offs[:16])[:-1] + ', ...]'}")
+            if given is not None and given < max(lens):
+                raise ValueError(f"{mname}={given} is less than the longest sequence ({max(lens)}) in {name}")
+            given = max(lens) if given is None else given
+        maxima.append(given)
+    return float(softmax_scale), left, right, maxima[0], maxima[1]
+
+
+def _strides4(t: torch.Tensor, varlen: bool):
+    """(batch, seq, head, dim) strides; packed varlen tensors have no batch stride."""
+    return (0, *t.stride()) if varlen else tuple(t.stride())
+
+
+def _precision(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 input: exact fp32 dots (no TF32 rounding)
+
+
+def _lse_strides(q: torch.Tensor, varlen: bool):
+    """Strides (batch, head) of the fp32 lse: (b, h, sq) dense, (h, total_q) varlen."""
+    return (0, q.shape[0]) if varlen else (q.shape[2] * q.shape[1], q.shape[1])
+
+
+def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                  softmax_scale: float, window_left: int, window_right: int):
+    """q (b, sq, h, d) / (total_q, h, d), k/v (b, sk, h_kv, d) / (total_k, h_kv, d), any strides; windows
+    with -1 = unbounded (causal: window_right = 0). -> out like q (contiguous, q's dtype), lse fp32
+    (b, h, sq) / (h, total_q)."""
+    varlen = cu_seqlens_q is not None
+    check_inputs(q, k, v, False, softmax_scale, (window_left, window_right), cu_seqlens_q, cu_seqlens_k,
+                 max_seqlen_q, max_seqlen_k, check_values=False)
+    heads, head_dim, heads_kv = q.shape[-2], q.shape[-1], k.shape[-2]
+    n_seqs = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape = (heads, q.shape[0]) if varlen else (q.shape[0], heads, q.shape[1])
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or max_seqlen_q == 0:
+        return out, lse.fill_(float("-inf"))
+    seqlen_q, seqlen_k = (0, 0) if varlen else (q.shape[1], k.shape[1])
+    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, n_seqs)  # noqa: E731
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens_q if varlen else q, cu_seqlens_k if varlen else q,
+        seqlen_q, seqlen_k, heads // heads_kv, _seq_bucket(max(max_seqlen_q, max_seqlen_k)),
+        *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
+        *_lse_strides(q, varlen),
+        float(softmax_scale) * LOG2E, window_left, window_right,
+        IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), PRECISION=_precision(q.dtype),
+    )
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                  max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int):
+    """Gradients of attention_fwd. dout like q (any strides), out/lse as returned by attention_fwd, dlse
+    (lse's shape) or None. -> dq, dk, dv (contiguous, input dtypes); dk/dv summed over each GQA group.
+    Deterministic: every gradient element is written by exactly one program, no atomics."""
+    varlen = cu_seqlens_q is not None
+    heads, head_dim, heads_kv = q.shape[-2], q.shape[-1], k.shape[-2]
+    n_seqs = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if dk.numel() == 0 or max_seqlen_k == 0:           # nothing visible anywhere
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if dq.numel() == 0 or max_seqlen_q == 0:           # no queries: zero key gradients
+        return dq, dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    dlse = dlse.contiguous() if dlse is not None else None
+    delta = torch.empty_like(lse)
+    seqlen_q, seqlen_k = (0, 0) if varlen else (q.shape[1], k.shape[1])
+    cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if varlen else (q, q)
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    lse_strides = _lse_strides(q, varlen)
+    pre_block = 16 if _interpreting() else 64
+    _bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, pre_block), heads, n_seqs)](
+        out, dout, dlse if dlse is not None else lse, delta, cu_q,
+        seqlen_q, *_strides4(out, varlen), *_strides4(dout, varlen), *lse_strides,
+        IS_VARLEN=varlen, HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
+    )
+    common = dict(IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                  HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
+    scales = (float(softmax_scale) * LOG2E, float(softmax_scale), window_left, window_right)
+    sizes = (seqlen_q, seqlen_k, heads // heads_kv, _seq_bucket(max(max_seqlen_q, max_seqlen_k)))
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), heads_kv, n_seqs)](
+        q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *sizes,
+        *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(dout, varlen),
+        *_strides4(dk, varlen), *_strides4(dv, varlen), *lse_strides, *scales, **common,
+    )
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_N"]), heads, n_seqs)](
+        q, k, v, dout, lse, delta, dq, cu_q, cu_k, *sizes,
+        *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(dout, varlen),
+        *_strides4(dq, varlen), *lse_strides, *scales, **common,
+    )
+    return dq, dk, dv
