@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "rms_norm": "llama_triton.ops.rms_norm",
+    "decode_attention": "llama_triton.ops.decode_attention",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,6 +14,7 @@ import torch
 
 from . import reference
 from .ops.rms_norm import rms_norm
+from .ops.decode_attention import decode_attention
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,58 @@ REGISTRY: list[OpSpec] = [
         description="residual add fused with RMSNorm",
     ),
 ]
+
+
+# ------------------------------------------------------------------------------ decode attention (issue 5)
+def _decode_inputs(shape, dtype, device):
+    """q (b, q_len, h, d), k/v caches (b, max_seqlen, h_kv, d), cache_seqlens int32 (b,): every sequence at
+    shape["seqlen"] when given (benchmarks), else ragged random lengths in [0, max_seqlen], the last full."""
+    b, q_len, h, h_kv, d, n = (shape[k] for k in ("batch", "q_len", "heads", "heads_kv", "head_dim", "max_seqlen"))
+    q = torch.randn(b, q_len, h, d, dtype=dtype, device=device)
+    k = torch.randn(b, n, h_kv, d, dtype=dtype, device=device)
+    v = torch.randn(b, n, h_kv, d, dtype=dtype, device=device)
+    if "seqlen" in shape:
+        seqlens = torch.full((b,), shape["seqlen"], dtype=torch.int32)
+    else:
+        seqlens = torch.randint(0, n + 1, (b,), dtype=torch.int32)
+        seqlens[-1] = n
+    return q, k, v, seqlens.to(device)
+
+
+def _decode_bytes(shape, dtype, mode):
+    """K and V entries read (the valid prefix; max_seqlen for ragged shapes), plus q and out."""
+    b, q_len, h, h_kv, d = (shape[k] for k in ("batch", "q_len", "heads", "heads_kv", "head_dim"))
+    n = shape.get("seqlen", shape["max_seqlen"])
+    return (2 * b * n * h_kv * d + 2 * b * q_len * h * d) * _elt(dtype)
+
+
+def _decode_config(shape, dtype):
+    from .kernels.decode_attention import describe_config
+
+    return describe_config(*(shape[k] for k in ("batch", "q_len", "heads", "heads_kv", "head_dim", "max_seqlen")),
+                           torch.device("cuda"))
+
+
+def _decode_shape(batch, q_len, heads, heads_kv, head_dim, max_seqlen, seqlen=None):
+    s = {"batch": batch, "q_len": q_len, "heads": heads, "heads_kv": heads_kv, "head_dim": head_dim,
+         "max_seqlen": max_seqlen}
+    return s if seqlen is None else {**s, "seqlen": seqlen}
+
+
+REGISTRY.append(OpSpec(
+    name="decode_attention",
+    fn=lambda q, k, v, s: decode_attention(q, k, v, s),
+    reference=lambda q, k, v, s: reference.decode_attention(q, k, v, s),
+    make_inputs=_decode_inputs,
+    flops=lambda s: 0,  # memory-bound: the roofline is copy bandwidth
+    bytes=_decode_bytes,
+    test_shapes=[_decode_shape(3, 1, 8, 2, 64, 40), _decode_shape(2, 4, 8, 1, 32, 129),
+                 _decode_shape(1, 1, 4, 4, 128, 17)],
+    bench_shapes=[_decode_shape(b, 1, 32, 8, 128, n, n) for b in (1, 8, 64) for n in (1024, 8192)]
+    + [_decode_shape(b, 1, 32, 8, 128, 32768, 32768) for b in (1, 8)],
+    description="split-K decode attention over a KV cache (GQA packed, ragged lengths)",
+    config=_decode_config,
+))
 
 
 def get(name: str) -> OpSpec:
