@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "rms_norm": "llama_triton.ops.rms_norm",
+    "apply_rotary_pos_emb": "llama_triton.ops.rope",
     "decode_attention": "llama_triton.ops.decode_attention",
 }
 

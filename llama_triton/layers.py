@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .ops.rms_norm import rms_norm
+from .ops.rope import compute_inv_freq, rope_parameters
 
 
 class RMSNorm(nn.Module):
@@ -232,3 +233,51 @@ class KVCache(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.k.shape)}, dtype={self.k.dtype}"
+
+
+class RotaryEmbedding(nn.Module):
+    """Drop-in for transformers 5 ``LlamaRotaryEmbedding(config)``: ``forward(x, position_ids)`` ->
+    ``(cos, sin)``, each ``(batch, seq, head_dim)`` in x's dtype, for arbitrary ``position_ids (batch, seq)``
+    (decode at position p, packed sequences).
+
+    Reads ``config.rope_parameters`` (rope_type default / linear / dynamic / llama3, rope_theta, factor,
+    ...) and computes ``inv_freq`` with transformers' formulas (``llama_triton.ops.rope.compute_inv_freq``),
+    so the tables are bit-identical to HF's; "dynamic" re-computes ``inv_freq`` when a position passes the
+    cached length, as HF does. The tables are a few elementwise torch ops (not a kernel) so that they stay
+    exactly HF's; the rotation itself is ``llama_triton.apply_rotary_pos_emb``.
+    """
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = self.original_max_seq_len = getattr(config, "max_position_embeddings", 2048)
+        self.rope_type = rope_parameters(config)["rope_type"]
+        inv_freq, self.attention_scaling = compute_inv_freq(config)  # on the CPU, as HF (same bits)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone().to(device), persistent=False)
+
+    def _dynamic_update(self, position_ids: torch.Tensor, device) -> None:
+        """HF's dynamic_frequency_update: grow past the cached length, reset back within the original one."""
+        seq_len = torch.max(position_ids) + 1
+        if seq_len > self.max_seq_len_cached:
+            inv_freq, self.attention_scaling = compute_inv_freq(self.config, device, seq_len=seq_len)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+            self.max_seq_len_cached = seq_len
+        if seq_len < self.original_max_seq_len and self.max_seq_len_cached > self.original_max_seq_len:
+            self.original_inv_freq = self.original_inv_freq.to(device)
+            self.register_buffer("inv_freq", self.original_inv_freq, persistent=False)
+            self.max_seq_len_cached = self.original_max_seq_len
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        if self.rope_type == "dynamic":
+            self._dynamic_update(position_ids, x.device)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (b, s, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                                                        # (b, s, d)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rope_type={self.rope_type}, rotary_dim={2 * self.inv_freq.shape[0]}"

@@ -105,3 +105,68 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, win
         outs.append(_attention_dense(q[i:i + 1], k_cache[i:i + 1, :n], v_cache[i:i + 1, :n], True, softmax_scale,
                                      window_size)[0])
     return torch.cat(outs, 0)
+
+
+# ------------------------------------------------------------------------------------ rotary embeddings
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF rotate_half: (x1, x2) -> (-x2, x1) over the two halves of the last dim."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """HF apply_rotary_pos_emb: q (b, h, s, d), k (b, h_kv, s, d) (unsqueeze_dim=1; 2 for (b, s, h, d)),
+    cos/sin (b or 1, s, d) or (s, d) -> (q * cos + rotate_half(q) * sin, same for k), in promote(q, cos)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# ------------------------------------------------------------------------------------------------ SwiGLU
+def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """HF LlamaMLP's activation: silu(gate) * up in the input dtype. With up=None, `gate` is the
+    concatenated (..., 2I) gate_up tensor (first half gate, second half up)."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------------- cross-entropy
+def cross_entropy(logits, labels, ignore_index: int = -100, reduction: str = "mean"):
+    """Token-level cross-entropy in fp32 math (fp64 for fp64 input), as HF's loss (logits.float()).
+
+    logits (..., V), labels (...) integer; labels == ignore_index contribute 0. reduction "mean" divides by
+    the number of non-ignored labels (0 when all are ignored, not NaN), "sum", or "none" (labels' shape).
+    """
+    lf = logits.reshape(-1, logits.shape[-1]).to(_compute_dtype(logits.dtype))   # (N, V)
+    lab = labels.reshape(-1)
+    valid = lab != ignore_index
+    lse = torch.logsumexp(lf, dim=-1)                                               # (N,)
+    picked = lf.gather(1, torch.where(valid, lab, 0).long()[:, None])[:, 0]
+    losses = torch.where(valid, lse - picked, torch.zeros_like(lse))
+    if reduction == "none":
+        return losses.reshape(labels.shape)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / valid.sum().clamp_min(1)
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean"):
+    """cross_entropy(hidden @ weight.T, labels): hidden (..., H), weight (V, H); logits in the input dtype."""
+    return cross_entropy(hidden @ weight.T, labels, ignore_index, reduction)
+
+
+# ---------------------------------------------------------------------------------- RMSNorm + matmul
+def rms_norm_matmul(x, norm_weight, weight, eps: float = 1e-6, residual=None):
+    """Unfused HF numerics: rms_norm(x [+ residual], norm_weight) @ weight.T; x (..., K), weight (N, K).
+
+    norm_weight=None means it was pre-folded into weight (weight * norm_weight): the norm has no weight.
+    With residual returns (y, residual + x).
+    """
+    if norm_weight is None:
+        norm_weight = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    if residual is not None:
+        h, summed = rms_norm(x, norm_weight, eps, residual)
+        return h @ weight.T, summed
+    return rms_norm(x, norm_weight, eps) @ weight.T

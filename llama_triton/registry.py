@@ -14,6 +14,7 @@ import torch
 
 from . import reference
 from .ops.rms_norm import rms_norm
+from .ops.rope import apply_rotary_pos_emb
 from .ops.decode_attention import decode_attention
 
 
@@ -140,6 +141,42 @@ REGISTRY.append(OpSpec(
     + [_decode_shape(b, 1, 32, 8, 128, 32768, 32768) for b in (1, 8)],
     description="split-K decode attention over a KV cache (GQA packed, ragged lengths)",
     config=_decode_config,
+))
+
+
+# ---------------------------------------------------------------------- rotary embeddings (issue 6)
+def _rope_inputs(shape, dtype, device):
+    """q (b, h, s, d) and k (b, h_kv, s, d) as HF's transposed views of one (b, s, h + 2 h_kv, d) qkv
+    projection, and LLaMA-3 cos/sin tables (b, s, d)."""
+    b, s, h, hk, d = (shape[k] for k in ("batch", "seq", "heads", "kv_heads", "head_dim"))
+    qkv = torch.randn(b, s, h + 2 * hk, d, dtype=dtype, device=device)
+    inv = 1.0 / 500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
+    emb = torch.arange(s, device=device, dtype=torch.float32)[:, None] * inv
+    emb = torch.cat((emb, emb), -1).expand(b, s, d)
+    return qkv[:, :, :h].transpose(1, 2), qkv[:, :, h:h + hk].transpose(1, 2), emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rope_bytes(shape, dtype, mode):
+    """Read and write q and k once (cos/sin are re-read per position: counted once)."""
+    b, s, h, hk, d = (shape[k] for k in ("batch", "seq", "heads", "kv_heads", "head_dim"))
+    return (2 * b * s * (h + hk) * d + 2 * b * s * d) * _elt(dtype)
+
+
+def _rope_shape(batch, seq, heads, kv_heads, head_dim):
+    return {"batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+REGISTRY.append(OpSpec(
+    name="rope",
+    fn=lambda q, k, c, s: apply_rotary_pos_emb(q, k, c, s),
+    reference=lambda q, k, c, s: reference.apply_rotary_pos_emb(q, k, c, s),
+    make_inputs=_rope_inputs,
+    flops=lambda s: 0,
+    bytes=_rope_bytes,
+    test_shapes=[_rope_shape(1, 1, 1, 1, 2), _rope_shape(2, 17, 4, 1, 64), _rope_shape(1, 33, 8, 2, 128)],
+    bench_shapes=[_rope_shape(b, s, 32, 8, 128) for b, s in ((1, 8192), (2, 8192), (4, 8192), (1, 32768))],
+    grad_inputs=(0, 1),
+    description="HF apply_rotary_pos_emb on q and k in one launch (GQA, strided q/k)",
 ))
 
 
