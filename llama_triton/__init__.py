@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "rms_norm": "llama_triton.ops.rms_norm",
     "apply_rotary_pos_emb": "llama_triton.ops.rope",
+    "swiglu": "llama_triton.ops.swiglu",
     "decode_attention": "llama_triton.ops.decode_attention",
 }
 

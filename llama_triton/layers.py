@@ -11,6 +11,7 @@ from torch import nn
 
 from .ops.rms_norm import rms_norm
 from .ops.rope import compute_inv_freq, rope_parameters
+from .ops.swiglu import swiglu
 
 
 class RMSNorm(nn.Module):
@@ -281,3 +282,43 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rope_type={self.rope_type}, rotary_dim={2 * self.inv_freq.shape[0]}"
+
+
+class SwiGLUMLP(nn.Module):
+    """Drop-in for HF ``LlamaMLP(config)``: ``gate_proj``/``up_proj`` ``(I, H)``, ``down_proj`` ``(H, I)``
+    (``bias=config.mlp_bias``); ``forward(x (..., H)) -> (..., H)`` = ``down(silu(gate(x)) * up(x))`` with
+    the activation and product in one kernel (``llama_triton.swiglu``). The projections stay ``nn.Linear``
+    (cuBLAS), so state_dicts and weight-swapping tools (quantization) see the usual modules."""
+
+    def __init__(self, config, device=None, dtype=None):
+        super().__init__()
+        act = getattr(config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"SwiGLUMLP implements hidden_act 'silu' (SwiGLU), got {act!r}")
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        bias = bool(getattr(config, "mlp_bias", False))
+        kw = {"bias": bias, "device": device, "dtype": dtype}
+        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, **kw)
+        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, **kw)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "SwiGLUMLP":
+        """Build around an HF ``LlamaMLP``'s projections (shared modules, not copies)."""
+        if not all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise TypeError(f"from_module needs a module with gate_proj/up_proj/down_proj, got {type(module).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.config = getattr(module, "config", None)
+        act = getattr(new.config, "hidden_act", "silu") if new.config is not None else "silu"
+        if act not in ("silu", "swish"):
+            raise ValueError(f"SwiGLUMLP implements hidden_act 'silu' (SwiGLU), got {act!r}")
+        new.gate_proj, new.up_proj, new.down_proj = module.gate_proj, module.up_proj, module.down_proj
+        new.hidden_size = module.gate_proj.in_features
+        new.intermediate_size = module.gate_proj.out_features
+        return new

@@ -15,6 +15,7 @@ import torch
 from . import reference
 from .ops.rms_norm import rms_norm
 from .ops.rope import apply_rotary_pos_emb
+from .ops.swiglu import swiglu
 from .ops.decode_attention import decode_attention
 
 
@@ -177,6 +178,48 @@ REGISTRY.append(OpSpec(
     bench_shapes=[_rope_shape(b, s, 32, 8, 128) for b, s in ((1, 8192), (2, 8192), (4, 8192), (1, 32768))],
     grad_inputs=(0, 1),
     description="HF apply_rotary_pos_emb on q and k in one launch (GQA, strided q/k)",
+))
+
+
+# -------------------------------------------------------------------------------------- SwiGLU (issue 6)
+def _swiglu_inputs(packed):
+    def make(shape, dtype, device):
+        g = torch.randn(shape["rows"], 2 * shape["inter"] if packed else shape["inter"], dtype=dtype, device=device)
+        return (g,) if packed else (g, torch.randn_like(g))
+    return make
+
+
+def _swiglu_bytes(shape, dtype, mode):
+    """fwd: read gate, up, write out; bwd: read dy, gate, up, write dgate, dup."""
+    return (3 if mode == "fwd" else 5) * shape["rows"] * shape["inter"] * _elt(dtype)
+
+
+_SWIGLU_TEST_SHAPES = [{"rows": 1, "inter": 1}, {"rows": 17, "inter": 129}, {"rows": 3, "inter": 1000}]
+_SWIGLU_BENCH_SHAPES = [{"rows": r, "inter": i} for i in (14336,) for r in (8192, 16384, 32768)]
+
+REGISTRY.append(OpSpec(
+    name="swiglu",
+    fn=lambda g, u: swiglu(g, u),
+    reference=lambda g, u: reference.swiglu(g, u),
+    make_inputs=_swiglu_inputs(False),
+    flops=lambda s: 0,
+    bytes=_swiglu_bytes,
+    test_shapes=_SWIGLU_TEST_SHAPES,
+    bench_shapes=_SWIGLU_BENCH_SHAPES,
+    grad_inputs=(0, 1),
+    description="silu(gate) * up (HF LlamaMLP activation)",
+))
+REGISTRY.append(OpSpec(
+    name="swiglu_packed",
+    fn=lambda gu: swiglu(gu),
+    reference=lambda gu: reference.swiglu(gu),
+    make_inputs=_swiglu_inputs(True),
+    flops=lambda s: 0,
+    bytes=_swiglu_bytes,
+    test_shapes=_SWIGLU_TEST_SHAPES,
+    bench_shapes=_SWIGLU_BENCH_SHAPES,
+    grad_inputs=(0,),
+    description="SwiGLU on a concatenated gate_up (..., 2I) projection",
 ))
 
 
