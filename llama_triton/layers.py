@@ -322,3 +322,85 @@ class SwiGLUMLP(nn.Module):
         new.hidden_size = module.gate_proj.in_features
         new.intermediate_size = module.gate_proj.out_features
         return new
+
+
+# ----------------------------------------------------------------------------- quantized linear (issue 7)
+from .ops.quant_matmul import quant_matmul  # noqa: E402
+from .quant import (QuantizedWeight, check_group_size, import_awq, import_gptq, quantize_weight,  # noqa: E402
+                    zeros_dtype)
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` with a weight-only quantized weight (W4A16 / W8A16), over ``llama_triton.quant_matmul``.
+
+    Buffers (the format of ``llama_triton.quant``): ``qweight`` int32 ``(in // (32 // bits), out)``,
+    ``scales`` ``(in // group_size, out)``, ``zeros`` (``sym=False``; uint8 / int16) and ``perm`` int32
+    ``(in,)`` (``act_order=True``); ``bias`` ``(out,)`` or None. ``forward(x (..., in)) -> (..., out)`` in x's
+    dtype. Build one with ``from_linear`` (RTN), ``from_gptq``, ``from_awq`` or ``from_quantized``; a fresh
+    ``QuantLinear(in, out, bias, bits, group_size, sym, act_order)`` loads the state_dict of any of them.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, group_size: int = 128,
+                 sym: bool = True, act_order: bool = False, device=None, dtype=None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+        pack = 32 // bits
+        if in_features % pack:
+            raise ValueError(f"in_features={in_features} must be a multiple of {pack} for {bits}-bit weights")
+        group_size = in_features if group_size == -1 else group_size
+        check_group_size(group_size, in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym, self.act_order = bits, group_size, sym, act_order
+        G = in_features // group_size
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self.register_buffer("qweight", torch.zeros((in_features // pack, out_features), dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones((G, out_features), dtype=dtype, device=device))
+        self.register_buffer("zeros", None if sym else torch.full((G, out_features), 1 << (bits - 1),
+                                                                  dtype=zeros_dtype(bits), device=device))
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device) if act_order else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.perm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quant_matmul(x, self.quantized_weight)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Wrap a QuantizedWeight (its tensors are shared, not copied) and an optional bias ``(out,)``."""
+        new = cls(qw.in_features, qw.out_features, bias=bias is not None, bits=qw.bits, group_size=qw.group_size,
+                  sym=qw.zeros is None, act_order=qw.perm is not None, device="meta", dtype=qw.scales.dtype)
+        new.qweight, new.scales, new.zeros, new.perm = qw.qweight, qw.scales, qw.zeros, qw.perm
+        if bias is not None:
+            new.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        return new
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, sym: bool = True) -> "QuantLinear":
+        """RTN-quantize an ``nn.Linear`` (``quant.quantize_weight``); the bias is kept. The reconstruction
+        error is in ``.quant_error``."""
+        if not isinstance(getattr(linear, "weight", None), torch.Tensor) or linear.weight.dim() != 2:
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        qw = quantize_weight(linear.weight.detach(), bits=bits, group_size=group_size, sym=sym)
+        new = cls.from_quantized(qw, linear.bias)
+        new.quant_error = qw.error
+        return new
+
+    @classmethod
+    def from_gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, bits: int = 4, group_size: int | None = None,
+                  checkpoint_format: str = "gptq") -> "QuantLinear":
+        """From a GPTQ checkpoint's tensors (``quant.import_gptq``; act-order resolved at load time)."""
+        return cls.from_quantized(import_gptq(qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format), bias)
+
+    @classmethod
+    def from_awq(cls, qweight, qzeros, scales, bias=None, group_size: int | None = None) -> "QuantLinear":
+        """From an AutoAWQ (GEMM) checkpoint's tensors (``quant.import_awq``; re-packed along K)."""
+        return cls.from_quantized(import_awq(qweight, qzeros, scales, 4, group_size), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}, group_size={self.group_size}, sym={self.sym}, act_order={self.act_order}")

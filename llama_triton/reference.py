@@ -170,3 +170,12 @@ def rms_norm_matmul(x, norm_weight, weight, eps: float = 1e-6, residual=None):
         h, summed = rms_norm(x, norm_weight, eps, residual)
         return h @ weight.T, summed
     return rms_norm(x, norm_weight, eps) @ weight.T
+
+
+# ------------------------------------------------------------------------------------ quantized matmul
+def quant_matmul(x: torch.Tensor, qweight) -> torch.Tensor:
+    """Weight-only quantized matmul: ``x (..., K) @ dequantize(qweight).T -> (..., N)`` in x's dtype, the
+    weight dequantised to x's dtype first (plain PyTorch's W4A16 / W8A16: fp64 in gives the oracle)."""
+    from .quant import dequantize
+
+    return x @ dequantize(qweight, x.dtype).t()
