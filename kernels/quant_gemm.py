@@ -45,7 +45,7 @@ def _quant_matmul_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,     # GROUP_SIZE 0: one scale per output channel
     HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, COMPACT: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
@@ -87,9 +87,17 @@ def _quant_matmul_kernel(
             src_k = offs_k
         x = tl.load(X + offs_m[:, None] * stride_xm + src_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)                  # (BLOCK_M, BLOCK_K)
-        packed = tl.load(QW + (offs_k[:, None] // PACK) * stride_qk + offs_n[None, :] * stride_qn,
-                         mask=mask_k[:, None] & mask_n[None, :], other=0)              # (BLOCK_K, BLOCK_N)
-        q = (packed >> ((offs_k[:, None] % PACK) * BITS)) & MAXQ
+        if COMPACT:  # load each int32 word once, (BLOCK_K / PACK, BLOCK_N), and unpack in registers
+            offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+            packed = tl.load(QW + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                             mask=(offs_w[:, None] < K // PACK) & mask_n[None, :], other=0)
+            shifts = tl.arange(0, PACK) * BITS
+            q = (packed[:, None, :] >> shifts[None, :, None]) & MAXQ                  # (BLOCK_K/PACK, PACK, BLOCK_N)
+            q = tl.reshape(q, (BLOCK_K, BLOCK_N))                                     # row j*PACK + i
+        else:        # one load per code: PACK rows read the same word (served by L1); GPTQ-triton style
+            packed = tl.load(QW + (offs_k[:, None] // PACK) * stride_qk + offs_n[None, :] * stride_qn,
+                             mask=mask_k[:, None] & mask_n[None, :], other=0)          # (BLOCK_K, BLOCK_N)
+            q = (packed >> ((offs_k[:, None] % PACK) * BITS)) & MAXQ
         if GROUP_SIZE > 0:
             g = k0 // GROUP_SIZE
             if HAS_ZEROS:
@@ -125,24 +133,29 @@ def _quant_matmul_kernel(
 def _configs(decode: bool, max_block_k: int) -> list:
     """Autotune configs for one path; BLOCK_K <= max_block_k (it must divide the group size).
 
-    On Triton's interpreter: one small config (the decode one still splits K, so the tests cover it)."""
+    decode: memory-bound, narrow N tiles and split K so that every SM streams weights; each code loaded
+    on its own (PACK rows share a word through L1: small register tiles). prefill: the classic Triton
+    matmul tiles, each packed word loaded once (COMPACT) so the pipelined shared-memory tile stays small.
+    On Triton's interpreter: one small config per path (the decode one still splits K, so tests cover it)."""
     if _interpreting():
         bk = min(32, max_block_k)
         if decode:
-            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": 2})]
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": bk, "GROUP_M": 4, "SPLIT_K": 1})]
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": 2,
+                                   "COMPACT": False})]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": bk, "GROUP_M": 4, "SPLIT_K": 1,
+                               "COMPACT": True})]
     out = []
-    if decode:  # memory-bound: narrow N tiles, long K tiles, split K to occupy every SM
-        for bn, bk, split, warps, stages in [(32, 128, 4, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 3),
-                                             (64, 256, 4, 8, 3), (128, 128, 2, 8, 3), (32, 256, 8, 4, 3),
-                                             (64, 64, 8, 4, 4), (128, 64, 1, 4, 4)]:
+    if decode:
+        for bn, bk, split, warps, stages in [(32, 128, 4, 4, 3), (64, 128, 2, 4, 3), (64, 128, 4, 4, 3),
+                                             (64, 64, 8, 4, 4), (128, 64, 2, 4, 3), (32, 128, 8, 4, 3),
+                                             (128, 128, 1, 8, 3), (64, 256, 4, 8, 2)]:
             out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": min(bk, max_block_k), "GROUP_M": 1,
-                                      "SPLIT_K": split}, num_warps=warps, num_stages=stages))
-    else:       # compute-bound: the classic Triton matmul tiles
+                                      "SPLIT_K": split, "COMPACT": False}, num_warps=warps, num_stages=stages))
+    else:
         for bm, bn, bk, warps, stages in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
                                           (128, 64, 64, 4, 4), (64, 64, 128, 4, 3), (128, 128, 128, 8, 2)]:
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": min(bk, max_block_k), "GROUP_M": 8,
-                                      "SPLIT_K": 1}, num_warps=warps, num_stages=stages))
+                                      "SPLIT_K": 1, "COMPACT": True}, num_warps=warps, num_stages=stages))
     unique = {}
     for c in out:  # clamping BLOCK_K can make two configs equal
         unique.setdefault((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages), c)
