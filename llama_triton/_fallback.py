@@ -118,12 +118,19 @@ MODEL_OPS = [("rms_norm", "op", "rms_norm"), ("rotary", "op", "apply_rotary_pos_
              ("kv_cache", "layer", "KVCache"), ("swiglu_mlp", "layer", "SwiGLUMLP")]
 
 
+_OP_MODULES = {"flash_attention": "llama_triton.ops.flash_attention",
+               "decode_attention": "llama_triton.ops.decode_attention", "apply_rotary_pos_emb": "llama_triton.ops.rope"}
+
+
 def op(name: str):
-    """The public Triton op `name` (llama_triton.<name>) when it exists here, else its stand-in."""
-    try:
-        return getattr(import_module("llama_triton"), name)
-    except (ImportError, AttributeError):
-        return _OPS[name]
+    """The public Triton op `name` (llama_triton.<name>, or its llama_triton.ops module) when it exists here,
+    else its stand-in."""
+    for module in ("llama_triton", _OP_MODULES[name]):
+        try:
+            return getattr(import_module(module), name)
+        except (ImportError, AttributeError):
+            pass
+    return _OPS[name]
 
 
 def layer(name: str):

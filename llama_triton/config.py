@@ -47,7 +47,7 @@ class LlamaConfig:
     attention_dropout: float = 0.0
     model_type: str = "llama"
     bos_token_id: int | None = 256
-    eos_token_id: int | None = 257
+    eos_token_id: int | list | None = 257
     pad_token_id: int | None = 258
     torch_dtype: str | None = None
 
@@ -123,22 +123,17 @@ class LlamaConfig:
         rope.setdefault("rope_type", "default")
         rope.setdefault("rope_theta", float(d.get("rope_theta", 10000.0)))
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names and k != "rope_parameters"}
+        kwargs = {**_HF_DEFAULTS, **{k: v for k, v in d.items() if k in names and k != "rope_parameters"}}
         kwargs["rope_parameters"] = rope
         kwargs["model_type"] = model_type
-        kwargs.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
-        for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            kwargs.setdefault(tok, None)
         if model_type == "qwen2":
             kwargs["attention_bias"], kwargs["o_proj_bias"] = True, False
             if not d.get("use_sliding_window", False):
                 kwargs["sliding_window"], kwargs["layer_types"] = None, None
         if model_type == "llama":
             kwargs["sliding_window"] = None
-        if isinstance(kwargs.get("torch_dtype"), str) is False:
-            kwargs.pop("torch_dtype", None)
-        if d.get("dtype") and not kwargs.get("torch_dtype"):
-            kwargs["torch_dtype"] = str(d["dtype"]).replace("torch.", "")
+        dtype = d.get("dtype") or d.get("torch_dtype")
+        kwargs["torch_dtype"] = str(dtype).replace("torch.", "") if dtype else None
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict:
@@ -163,6 +158,13 @@ class LlamaConfig:
             d.pop("sliding_window")
         return d
 
+
+# transformers' defaults for fields a config.json may leave out (not the tiny preset's)
+_HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-6,
+                    max_position_embeddings=2048, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                    sliding_window=None, layer_types=None, hidden_act="silu", attention_dropout=0.0,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=None)
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

@@ -58,7 +58,7 @@ class DecodeStep:
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list | None = None,
              attention_mask: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None,
              streamer=None, pad_token_id: int | None = None, generator: torch.Generator | None = None,
              compile: bool = False) -> torch.Tensor:
@@ -70,7 +70,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
             right-padded rows. Each sequence keeps its own length in the cache (ragged cache_seqlens): no
             padding token is ever attended to.
         temperature / top_k / top_p: 0 temperature = greedy; otherwise sampling (``generator`` for seeding).
-        eos_token_id: a finished row gets ``pad_token_id`` (default: eos) afterwards; stops when all finished.
+        eos_token_id: an id or a list of ids; a finished row gets ``pad_token_id`` (default: the first eos)
+            afterwards; generation stops when every row has finished.
         streamer: called with each step's tokens (b,) int64 (or an object with HF's put()/end()).
         compile: capture the decode step with torch.compile(mode="reduce-overhead") (GPU).
 
@@ -97,7 +98,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
         raise ValueError("every prompt needs at least one token (attention_mask / prompt_lengths has a 0 row)")
     if max_new_tokens == 0:
         return input_ids.clone()
-    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=device).reshape(-1)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
 
     caches = model.make_caches(b, L + max_new_tokens, device=device)
     hidden = model.model(ids, caches=caches, fresh_cache=True)                        # (b, L, hidden): prefill
@@ -111,16 +113,17 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     positions = lengths[:, None].clone()                                              # (b, 1) next position
     for t in range(max_new_tokens):
-        tok = sample(logits, temperature, top_k, top_p, generator)                    # (b,)
-        if eos_token_id is not None:
-            tok = torch.where(finished, torch.full_like(tok, pad), tok)
-            finished |= tok == eos_token_id
+        raw = sample(logits, temperature, top_k, top_p, generator)                    # (b,) fed back
+        tok = raw
+        if eos is not None:                                # finished rows show pad (their raw token is ignored)
+            tok = torch.where(finished, torch.full_like(raw, pad), raw)
+            finished |= torch.isin(tok, eos)
         out[:, t] = tok
         if streamer is not None:
             streamer.put(tok) if hasattr(streamer, "put") else streamer(tok)
-        if t == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+        if t == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
             break
-        logits = step(tok[:, None], positions)
+        logits = step(raw[:, None], positions)
         positions += 1
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()

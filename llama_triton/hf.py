@@ -1,0 +1,169 @@
+"""Hugging Face transformers integration: swap our Triton layers into a Llama / Mistral / Qwen2 model.
+
+    from llama_triton import hf
+    report = hf.patch(model)          # in place, weights kept (shared); prints what was swapped
+    model.generate(...)               # HF generate with its caches keeps working
+    hf.unpatch(model)
+
+    hf.register()                     # or: from_pretrained(..., attn_implementation="llama_triton") builds
+                                      # our modules directly (transformers.monkey_patching)
+
+Three official hooks (DESIGN.md): ``AttentionInterface.register("llama_triton", fn)`` (+ the flash-attention
+style mask function, so the attention receives None or a 2D padding mask), ``register_patch_mapping`` and
+in-place ``patch``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from . import _fallback
+from .attention import hf_attention_forward
+from .layers import Attention, RMSNorm
+
+ATTN_IMPLEMENTATION = "llama_triton"
+_ORIGINALS = "_llama_triton_originals"
+_OLD_ATTN = "_llama_triton_old_attn_implementation"
+_FAMILIES = ("Llama", "Mistral", "Qwen2")
+
+
+@dataclass
+class PatchReport:
+    swapped: list = field(default_factory=list)     # (module path, old class, new class)
+    kept: list = field(default_factory=list)        # (module path, class, why it was not swapped)
+    attn_implementation: str | None = None
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, old, new in self.swapped:
+            key = f"{old} -> {new}"
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"attn_implementation = {self.attn_implementation!r}"]
+        lines += [f"swapped {n} x {k}" for k, n in self.counts().items()]
+        kept: dict[str, int] = {}
+        for _, cls, why in self.kept:
+            kept[f"{cls} ({why})"] = kept.get(f"{cls} ({why})", 0) + 1
+        lines += [f"kept {n} x {k}" for k, n in kept.items()]
+        return "\n".join(lines)
+
+
+def register_attention() -> None:
+    """Register our attention (and its mask convention) as ``attn_implementation="llama_triton"``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+
+
+def patch_mapping() -> dict[str, type]:
+    """transformers class name -> our class, for the modules whose constructors we mirror."""
+    mapping: dict[str, type] = {}
+    # RotaryEmbedding is left out: transformers' _init_weights re-initialises rotary modules through HF-only
+    # hooks (compute_default_rope_parameters); patch() swaps it in place instead.
+    mlp = _fallback.layer("SwiGLUMLP")
+    for fam in _FAMILIES:
+        mapping[f"{fam}RMSNorm"] = RMSNorm
+        mapping[f"{fam}Attention"] = Attention
+        if mlp is not _fallback.SwiGLUMLP:
+            mapping[f"{fam}MLP"] = mlp
+    return mapping
+
+
+def register() -> dict[str, type]:
+    """Register our attention function and the class patch mapping with transformers, so that
+    ``AutoModelForCausalLM.from_pretrained(..., attn_implementation="llama_triton")`` builds our modules.
+    Returns the mapping registered."""
+    from transformers.monkey_patching import register_patch_mapping
+
+    register_attention()
+    mapping = patch_mapping()
+    register_patch_mapping(mapping, overwrite=True)
+    return mapping
+
+
+def unregister() -> None:
+    """Undo ``register()``'s class patch mapping (the attention function stays registered: harmless)."""
+    from transformers.monkey_patching import get_patch_mapping, unregister_patch_mapping
+
+    current = get_patch_mapping()
+    unregister_patch_mapping([k for k, v in patch_mapping().items() if current.get(k) is v])
+
+
+def _replacement(module: nn.Module, report: PatchReport, path: str, norms, mlp, attention, rotary):
+    cls = type(module).__name__
+    if not cls.startswith(_FAMILIES):
+        return None
+    if norms and cls.endswith("RMSNorm"):
+        return RMSNorm.from_module(module)
+    if attention and cls.endswith("Attention") and hasattr(module, "q_proj"):
+        return Attention.from_module(module)
+    if mlp and cls.endswith("MLP"):
+        ours = _fallback.layer("SwiGLUMLP")
+        act = getattr(getattr(module, "config", None), "hidden_act", "silu")
+        if ours is _fallback.SwiGLUMLP:
+            report.kept.append((path, cls, "SwiGLUMLP op not built yet"))
+        elif act not in ("silu", "swish"):
+            report.kept.append((path, cls, f"hidden_act {act!r} is not SwiGLU"))
+        elif hasattr(ours, "from_module"):
+            return ours.from_module(module)
+    if rotary and cls.endswith("RotaryEmbedding"):
+        ours = _fallback.layer("RotaryEmbedding")
+        kind = getattr(module, "rope_type", "default")
+        if ours is _fallback.RotaryEmbedding:
+            report.kept.append((path, cls, "RotaryEmbedding op not built yet"))
+        elif kind not in ("default", "linear", "llama3"):
+            report.kept.append((path, cls, f"rope_type {kind!r} not supported"))
+        else:
+            return ours(module.config, device=module.inv_freq.device)
+    return None
+
+
+def patch(model: nn.Module, norms: bool = True, mlp: bool = True, attention: bool = True,
+          rotary: bool = True) -> PatchReport:
+    """Swap our layers into a transformers Llama/Mistral/Qwen2 model (ForCausalLM or base) in place.
+
+    RMSNorm -> layers.RMSNorm, MLP -> layers.SwiGLUMLP, attention -> layers.Attention (our rotary
+    application and attention), RotaryEmbedding -> layers.RotaryEmbedding; weights are shared, not copied.
+    Sets ``attn_implementation="llama_triton"``. Returns a PatchReport (str() it for a summary).
+    """
+    if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"patch needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if getattr(model, _ORIGINALS, None):
+        raise ValueError("model is already patched; call unpatch(model) first")
+    register_attention()
+    report = PatchReport()
+    originals: dict[str, nn.Module] = {}
+    for path, module in list(model.named_modules()):
+        if any(path.startswith(p + ".") for p in originals):       # inside a module already swapped
+            continue
+        new = _replacement(module, report, path, norms, mlp, attention, rotary)
+        if new is None:
+            continue
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+        originals[path] = module
+        report.swapped.append((path, type(module).__name__, type(new).__name__))
+    setattr(model, _OLD_ATTN, model.config._attn_implementation)
+    if attention:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    setattr(model, _ORIGINALS, originals)
+    report.attn_implementation = model.config._attn_implementation
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Put back the modules `patch` replaced and the previous attn_implementation. Returns how many."""
+    originals = getattr(model, _ORIGINALS, None)
+    if not originals:
+        raise ValueError("model is not patched")
+    for path, module in originals.items():
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+    model.set_attn_implementation(getattr(model, _OLD_ATTN) or "eager")
+    delattr(model, _ORIGINALS)
+    return len(originals)

@@ -1,0 +1,94 @@
+"""generate(): greedy tokens identical to transformers' generate, batched prompts of different lengths,
+sampling (top-k / top-p / temperature), eos handling, streaming, bad input."""
+import pytest
+import torch
+
+from _hf_tiny import hf_model
+from llama_triton.generate import generate, sample
+from llama_triton.model import LlamaConfig, LlamaForCausalLM
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    hf = hf_model("gqa", num_hidden_layers=1)
+    path = tmp_path_factory.mktemp("gen")
+    hf.save_pretrained(path)
+    return hf, LlamaForCausalLM.from_pretrained(path)
+
+
+def test_20_greedy_tokens_identical_to_transformers(pair):
+    hf, ours = pair
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                      pad_token_id=0, eos_token_id=None)
+    out = ours.generate(ids, max_new_tokens=20)
+    assert out.shape == (2, 27)
+    assert torch.equal(out, ref)
+
+
+def test_left_padded_batch_matches_transformers_and_single_prompts(pair):
+    hf, ours = pair
+    g = torch.Generator().manual_seed(1)
+    long, short = torch.randint(0, 96, (1, 8), generator=g), torch.randint(0, 96, (1, 5), generator=g)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])   # left padding
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    out = ours.generate(ids, max_new_tokens=12, attention_mask=mask)
+    assert torch.equal(out, ref)
+    assert torch.equal(out[1, 8:], ours.generate(short, max_new_tokens=12)[0, 5:])
+    # the same prompts right-padded, given as prompt lengths
+    right = torch.cat([long, torch.cat([short, torch.zeros(1, 3, dtype=torch.long)], 1)])
+    out_r = ours.generate(right, max_new_tokens=12, prompt_lengths=torch.tensor([8, 5]))
+    assert torch.equal(out_r[:, 8:], out[:, 8:])
+
+
+def test_eos_pads_finished_rows_and_stops(pair):
+    _, ours = pair
+    ids = torch.randint(0, 96, (2, 4), generator=torch.Generator().manual_seed(2))
+    free = ours.generate(ids, max_new_tokens=6)
+    eos = int(free[0, 5])                                  # row 0 emits this at its 2nd new token
+    out = ours.generate(ids, max_new_tokens=6, eos_token_id=[eos, 95], pad_token_id=-1)
+    row0 = out[0, 4:].tolist()
+    assert row0[1] == eos and all(t == -1 for t in row0[2:])
+    seen = []
+    ours.generate(ids, max_new_tokens=5, streamer=lambda tok: seen.append(tok.clone()))
+    assert len(seen) == 5 and all(t.shape == (2,) for t in seen)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(pair):
+    _, ours = pair
+    ids = torch.randint(0, 96, (2, 4), generator=torch.Generator().manual_seed(3))
+    greedy = ours.generate(ids, max_new_tokens=5)
+    a = ours.generate(ids, 5, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = ours.generate(ids, 5, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    assert torch.equal(ours.generate(ids, 5, temperature=0.7, top_k=1), greedy)
+    assert torch.equal(ours.generate(ids, 5, temperature=0.7, top_p=1e-6), greedy)
+
+
+def test_sample_distribution_respects_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    k2 = sample(logits, 1.0, top_k=2, generator=g)
+    assert set(k2.tolist()) == {0, 1}
+    assert abs((k2 == 0).float().mean().item() - 0.5 / 0.8) < 0.03
+    p = sample(logits, 1.0, top_p=0.7, generator=g)               # smallest prefix with mass > 0.7: {0, 1}
+    assert set(p.tolist()) == {0, 1}
+    full = sample(logits, 1.0, generator=g)
+    assert abs((full == 3).float().mean().item() - 0.05) < 0.02
+    assert torch.equal(sample(logits[:2], 0.0), torch.zeros(2, dtype=torch.long))
+
+
+def test_bad_input():
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1))
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(TypeError, match="input_ids"):
+        generate(model, ids.int(), 2)
+    with pytest.raises(ValueError, match="attention_mask"):
+        generate(model, ids, 2, attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, ids, 2, attention_mask=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, ids, -1)
+    assert torch.equal(generate(model, ids, 0), ids)

@@ -1,0 +1,141 @@
+"""Our LlamaForCausalLM against transformers on the same weights (loaded from a dir written by transformers'
+save_pretrained), the training forward/backward, cached decode vs full recompute, and LlamaConfig."""
+import json
+
+import pytest
+import torch
+
+from _hf_tiny import CONFIGS, hf_model, rel_err, transformers
+from llama_triton import _fallback
+from llama_triton.model import LlamaConfig, LlamaForCausalLM
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, tmp_path_factory):
+    """(name, HF model, our model loaded from HF's save_pretrained directory)."""
+    hf = hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return request.param, hf, LlamaForCausalLM.from_pretrained(path)
+
+
+def test_logits_match_transformers(pair):
+    name, hf, ours = pair
+    ids = torch.randint(0, hf.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = ours(ids).logits
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-4, f"{name}: max rel err {rel_err(out, ref):.2e}"
+
+
+def test_cached_decode_matches_full_recompute(pair):
+    """Prefill 6 tokens into static caches, then 4 one-token steps: each step's logits == the full forward."""
+    name, _, ours = pair
+    ids = torch.randint(0, ours.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = ours(ids).logits                                                  # (2, 10, vocab)
+        caches = ours.make_caches(2, 16)
+        pre = ours(ids[:, :6], caches=caches, fresh_cache=True).logits
+        steps = [ours(ids[:, t:t + 1], caches=caches).logits for t in range(6, 10)]
+    assert caches[0].seqlens.tolist() == [10, 10]
+    got = torch.cat([pre] + steps, 1)
+    assert rel_err(got, full) < 1e-4, f"{name}: {rel_err(got, full):.2e}"
+
+
+def test_training_loss_and_grads_match_transformers(tmp_path):
+    hf = hf_model("gqa", num_hidden_layers=1)
+    hf.save_pretrained(tmp_path)
+    ours = LlamaForCausalLM.from_pretrained(tmp_path).train()
+    hf.train()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    ref = hf(ids, labels=labels)
+    out = ours(ids, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    ref.loss.backward()
+    out.loss.backward()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                 "model.embed_tokens.weight", "model.norm.weight"):
+        g_ref = hf.get_parameter(name).grad
+        g = ours.get_parameter(name).grad
+        assert rel_err(g, g_ref) < 1e-4, f"{name}: {rel_err(g, g_ref):.2e}"
+
+
+def test_fallback_status_names_every_model_op():
+    status = _fallback.status()
+    assert set(status) == {label for label, _, _ in _fallback.MODEL_OPS}
+    assert all(v == "triton" or v.startswith("fallback") for v in status.values())
+    assert status["rms_norm"] == "triton"
+
+
+# ---------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("name, params", [("llama-2-7b", 6.74e9), ("llama-3-8b", 8.03e9), ("llama-3.1-8b", 8.03e9),
+                                          ("llama-3.2-1b", 1.24e9), ("mistral-7b", 7.24e9)])
+def test_presets_have_the_published_sizes(name, params):
+    cfg = LlamaConfig.preset(name)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - params) / params < 0.01, f"{name}: {n:.3e} parameters"
+    hf_cfg = getattr(transformers, {"llama": "LlamaConfig", "mistral": "MistralConfig"}[cfg.model_type])(
+        **cfg.to_hf_dict())
+    assert LlamaConfig.from_hf_config(hf_cfg) == cfg
+
+
+def test_tiny_preset_is_the_default():
+    cfg = LlamaConfig()
+    assert cfg == LlamaConfig.preset("tiny") and cfg.vocab_size == 260 and cfg.head_dim == 16
+
+
+def test_from_hf_config_reads_old_style_rope_scaling(tmp_path):
+    d = {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+         "num_hidden_layers": 1, "num_attention_heads": 4, "rope_theta": 500000.0,
+         "rope_scaling": {"type": "linear", "factor": 2.0}}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    cfg = LlamaConfig.from_hf_config(tmp_path)
+    assert cfg.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}
+    assert cfg.num_key_value_heads == 4 and cfg.head_dim == 16
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_attention_heads=4, num_key_value_heads=3), "multiple of num_key_value_heads"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(head_dim=7), "head_dim"),
+])
+def test_bad_config_raises_naming_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig(**kwargs)
+
+
+def test_unknown_preset_and_model_type():
+    with pytest.raises(ValueError, match="unknown preset"):
+        LlamaConfig.preset("gpt-2")
+    with pytest.raises(ValueError, match="model_type"):
+        LlamaConfig.from_hf_config({"model_type": "gpt2"})
+
+
+def test_forward_rejects_bad_input_ids():
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1))
+    with pytest.raises(TypeError, match="input_ids"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="input_ids"):
+        model(torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bf16_gpu_logits_close_to_transformers(name, tmp_path):
+    hf = hf_model(name).to("cuda", torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    ours = LlamaForCausalLM.from_pretrained(tmp_path, device="cuda")
+    assert ours.dtype == torch.bfloat16
+    ids = torch.randint(0, hf.config.vocab_size, (2, 200), device="cuda")
+    with torch.no_grad():
+        ref = hf(ids).logits.float()
+        out = ours(ids).logits.float()
+        exact = hf.float()(ids).logits
+    # the 2x rule: our bf16 error vs the fp32 model at most 2x transformers' bf16 error (+ small atol)
+    assert (out - exact).abs().max() <= 2 * (ref - exact).abs().max() + 1e-2
