@@ -16,6 +16,8 @@ _EXPORTS = {
     "rms_norm": "llama_triton.ops.rms_norm",
     "apply_rotary_pos_emb": "llama_triton.ops.rope",
     "swiglu": "llama_triton.ops.swiglu",
+    "cross_entropy": "llama_triton.ops.cross_entropy",
+    "fused_linear_cross_entropy": "llama_triton.ops.cross_entropy",
     "decode_attention": "llama_triton.ops.decode_attention",
 }
 

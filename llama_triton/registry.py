@@ -14,6 +14,7 @@ import torch
 
 from . import reference
 from .ops.rms_norm import rms_norm
+from .ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
 from .ops.rope import apply_rotary_pos_emb
 from .ops.swiglu import swiglu
 from .ops.decode_attention import decode_attention
@@ -220,6 +221,52 @@ REGISTRY.append(OpSpec(
     bench_shapes=_SWIGLU_BENCH_SHAPES,
     grad_inputs=(0,),
     description="SwiGLU on a concatenated gate_up (..., 2I) projection",
+))
+
+
+# ------------------------------------------------------------------------ cross-entropy (issue 6)
+def _labels(n, vocab, device):
+    labels = torch.randint(0, vocab, (n,), device=device)
+    labels[torch.rand(n, device=device) < 0.2] = -100                     # some ignored tokens
+    return labels
+
+
+def _ce_inputs(shape, dtype, device):
+    logits = 2 * torch.randn(shape["rows"], shape["vocab"], dtype=torch.float32, device=device)
+    return logits.to(dtype), _labels(shape["rows"], shape["vocab"], device)
+
+
+def _flce_inputs(shape, dtype, device):
+    t, h, v = shape["tokens"], shape["hidden"], shape["vocab"]
+    hidden = torch.randn(t, h, dtype=dtype, device=device)
+    weight = (torch.randn(v, h, dtype=torch.float32, device=device) * h ** -0.5).to(dtype)
+    return hidden, weight, _labels(t, v, device)
+
+
+REGISTRY.append(OpSpec(
+    name="cross_entropy",
+    fn=lambda x, y: cross_entropy(x, y),
+    reference=lambda x, y: reference.cross_entropy(x, y),
+    make_inputs=_ce_inputs,
+    flops=lambda s: 0,
+    # fwd (with grad, as in training): read the logits twice, write dlogits; bwd: read and write dlogits
+    bytes=lambda s, dt, mode: (3 if mode == "fwd" else 2) * s["rows"] * s["vocab"] * _elt(dt),
+    test_shapes=[{"rows": 1, "vocab": 1}, {"rows": 17, "vocab": 1000}, {"rows": 4, "vocab": 32000}],
+    bench_shapes=[{"rows": r, "vocab": v} for v in (32000, 128256) for r in (4096, 8192)],
+    grad_inputs=(0,),
+    description="token cross-entropy, online softmax over vocab blocks, grad computed in the forward",
+))
+REGISTRY.append(OpSpec(
+    name="fused_linear_cross_entropy",
+    fn=lambda h, w, y: fused_linear_cross_entropy(h, w, y),
+    reference=lambda h, w, y: reference.fused_linear_cross_entropy(h, w, y),
+    make_inputs=_flce_inputs,
+    flops=lambda s: 6 * s["tokens"] * s["hidden"] * s["vocab"],  # logits + both gradients, all in the forward
+    bytes=lambda s, dt, mode: (s["vocab"] * s["hidden"] * 2 + s["tokens"] * s["hidden"] * 2) * _elt(dt),
+    test_shapes=[{"tokens": 5, "hidden": 33, "vocab": 129}, {"tokens": 17, "hidden": 64, "vocab": 1000}],
+    bench_shapes=[{"tokens": 8192, "hidden": 4096, "vocab": 128256}, {"tokens": 4096, "hidden": 4096, "vocab": 32000}],
+    grad_inputs=(0, 1),
+    description="lm_head matmul + cross-entropy in token chunks, never materialising (tokens, vocab) logits",
 ))
 
 

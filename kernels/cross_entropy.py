@@ -1,0 +1,215 @@
+"""Cross-entropy over a large vocabulary, and fused linear cross-entropy (lm_head matmul + loss) that never
+materialises the full ``(tokens, vocab)`` logits.
+
+Kernel (Liger-Kernel's design): one program per token row. Pass 1 walks the vocab in ``BLOCK_V`` blocks
+with an online max / sum-of-exp (fp32) to get ``lse``; ``loss = lse - logits[label]``. Pass 2 (when the
+gradient is wanted) writes ``dlogits = (softmax - onehot(label)) * scale`` over the row, in the logits'
+dtype, possibly in place over the logits (the fused linear path does that to its chunk buffer). A row whose
+label is ``ignore_index`` gets loss 0 and a zero gradient. A label outside ``[0, V)`` (and not
+ignore_index) gets loss NaN: the launchers' callers check labels on the host first (``check_labels``);
+the NaN is the backstop where that check is skipped (under torch.compile), never a silent wrong loss.
+
+Fused linear cross-entropy (``fused_linear_cross_entropy``): tokens in chunks of ``C`` rows; per chunk
+``logits = h @ W.T`` (cuBLAS, input dtype, fp32 accumulation), the kernel turns them into ``dlogits`` in
+place, then ``dh = dlogits @ W`` and ``dW += dlogits.T @ h``. Peak extra memory: one ``(C, V)`` chunk
+plus the gradients; ``C`` is chosen so the chunk is about the size of ``hidden``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+
+INT_DTYPES = (torch.int64, torch.int32)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    X, LABELS, LOSS, DX, SCALE,                  # pointers
+    V,                                           # vocab size
+    stride_x, stride_dx, stride_scale,           # row strides (the vocab dim is contiguous)
+    ignore_index,
+    HAS_SCALE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(LABELS + row).to(tl.int64)
+    X += row * stride_x
+    DX += row * stride_dx
+    offs = tl.arange(0, BLOCK_V)
+    if label == ignore_index:
+        tl.store(LOSS + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                tl.store(DX + cols, tl.zeros([BLOCK_V], dtype=DX.dtype.element_ty), mask=cols < V)
+        return
+
+    # pass 1: online log-sum-exp over the vocab (fp32)
+    m = float("-inf")
+    d = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(X + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+    in_range = (label >= 0) & (label < V)
+    x_label = tl.load(X + label, mask=in_range, other=0.0).to(tl.float32)
+    tl.store(LOSS + row, tl.where(in_range, lse - x_label, float("nan")))
+
+    # pass 2: dlogits = (softmax - onehot) * scale, in the logits' dtype (may overwrite X)
+    if COMPUTE_GRAD:
+        scale = 1.0
+        if HAS_SCALE:
+            scale = tl.load(SCALE + row * stride_scale).to(tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            x = tl.load(X + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            p = tl.exp(x - lse)
+            g = tl.where(cols == label, p - 1.0, p) * scale
+            tl.store(DX + cols, g.to(DX.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_labels_tensor(labels, lead_shape, name="labels"):
+    check_tensor(name, labels, INT_DTYPES)
+    if tuple(labels.shape) != tuple(lead_shape):
+        raise ValueError(f"{name} has shape {tuple(labels.shape)} but must be {tuple(lead_shape)} (the leading dims "
+                         "of the logits / hidden states)")
+
+
+def check_reduction(reduction, ignore_index):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def check_ce_inputs(logits, labels, ignore_index=-100, reduction="mean"):
+    """Validate cross_entropy's arguments (shapes, dtypes, devices); labels' values: check_labels."""
+    check_tensor("logits", logits, FLOAT_DTYPES, min_ndim=1)
+    check_labels_tensor(labels, logits.shape[:-1])
+    check_same_device(logits=logits, labels=labels)
+    if logits.shape[-1] < 1:
+        raise ValueError("logits' last dim (the vocab size) must be >= 1")
+    check_reduction(reduction, ignore_index)
+
+
+def check_flce_inputs(hidden, weight, labels, ignore_index=-100, reduction="mean"):
+    """Validate fused_linear_cross_entropy's arguments."""
+    check_tensor("hidden", hidden, FLOAT_DTYPES, min_ndim=1)
+    check_tensor("lm_head_weight", weight, FLOAT_DTYPES, ndim=2)
+    check_labels_tensor(labels, hidden.shape[:-1])
+    check_same_device(hidden=hidden, lm_head_weight=weight, labels=labels)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"lm_head_weight has dtype {weight.dtype} but hidden has {hidden.dtype}; they must match")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"lm_head_weight has shape {tuple(weight.shape)} but hidden's last dim is "
+                         f"{hidden.shape[-1]}: it must be (vocab, {hidden.shape[-1]})")
+    if weight.shape[0] < 1:
+        raise ValueError("lm_head_weight must have at least one row (the vocab size)")
+    check_reduction(reduction, ignore_index)
+
+
+def check_labels(labels, vocab_size, ignore_index):
+    """Host-side value check (one reduction and one device sync): every label is in [0, vocab) or is
+    ignore_index; raises ValueError naming an offending value."""
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if bool(bad.any()):
+        value = int(labels[bad].flatten()[0])
+        raise ValueError(f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; got {value}")
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def _block_v(V: int, device: torch.device) -> int:
+    return min(triton.next_power_of_2(V), 32768 if device.type == "cuda" else 4096)
+
+
+def _num_warps(block: int) -> int:
+    return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+def cross_entropy_rows(logits, labels, ignore_index, compute_grad, scale=None, dlogits=None):
+    """logits (N, V) with a contiguous last dim, labels (N,) int -> (losses (N,) fp32, dlogits (N, V) in the
+    logits' dtype or None). ``scale``: fp32 tensor of 1 or N elements multiplying the gradient rows (1/n for
+    a mean); ``dlogits`` may be ``logits`` itself (in place)."""
+    N, V = logits.shape
+    losses = torch.empty((N,), dtype=torch.float32, device=logits.device)
+    if compute_grad and dlogits is None:
+        dlogits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if N == 0:
+        return losses, dlogits
+    if scale is not None:
+        scale = scale.reshape(-1)
+    BLOCK_V = _block_v(V, logits.device)
+    _cross_entropy_kernel[(N,)](
+        logits, labels, losses, dlogits if compute_grad else logits, scale if scale is not None else losses,
+        V,
+        logits.stride(0), dlogits.stride(0) if compute_grad else 0,
+        (1 if scale.numel() > 1 else 0) if scale is not None else 0,
+        ignore_index,
+        HAS_SCALE=scale is not None, COMPUTE_GRAD=bool(compute_grad), BLOCK_V=BLOCK_V, num_warps=_num_warps(BLOCK_V),
+    )
+    return losses, dlogits
+
+
+def reduce_losses(losses, labels, ignore_index, reduction):
+    """(N,) fp32 per-token losses -> the reduction; mean divides by the non-ignored count (0 if none)."""
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (labels != ignore_index).sum().clamp_min(1)
+
+
+def mean_scale(labels, ignore_index):
+    """1 / max(#non-ignored, 1) as an fp32 device tensor (no host sync)."""
+    return 1.0 / (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+
+
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk so that one (chunk, vocab) logits buffer is about the size of (tokens, hidden)."""
+    return max(1, triton.next_power_of_2(triton.cdiv(n_tokens, triton.cdiv(vocab, hidden))))
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, grad_hidden, grad_weight,
+                               row_scale=None, chunk_size=None):
+    """hidden (N, H), weight (V, H), labels (N,) -> (loss, dhidden or None, dweight or None).
+
+    The gradients are those of ``reduction`` (mean: / non-ignored count), each row further multiplied by
+    ``row_scale`` (N,) when given (the backward of reduction="none"). ``dweight`` accumulates over token
+    chunks in the weight's dtype (fp32 accumulation inside each chunk's matmul).
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    losses = torch.empty((N,), dtype=torch.float32, device=hidden.device)
+    compute_grad = grad_hidden or grad_weight
+    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else None
+    dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if grad_weight else None
+    scale = None
+    if compute_grad:
+        if reduction == "mean":
+            scale = mean_scale(labels, ignore_index).reshape(1)
+        if row_scale is not None:
+            row_scale = row_scale.reshape(-1).to(torch.float32)
+            scale = row_scale if scale is None else row_scale * scale
+    chunk = chunk_size or default_chunk_size(N, H, V)
+    for start in range(0, N, chunk):
+        end = min(start + chunk, N)
+        h = hidden[start:end]
+        logits = torch.mm(h, weight.t())                                       # (C, V) in the input dtype
+        s = scale if scale is None or scale.numel() == 1 else scale[start:end]
+        losses[start:end] = cross_entropy_rows(logits, labels[start:end], ignore_index, compute_grad, s,
+                                               dlogits=logits if compute_grad else None)[0]
+        if grad_hidden:
+            torch.mm(logits, weight, out=dh[start:end])                        # (C, H)
+        if grad_weight:
+            dw.addmm_(logits.t(), h)                                           # (V, H)
+    return reduce_losses(losses, labels, ignore_index, reduction), dh, dw
