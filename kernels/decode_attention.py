@@ -55,11 +55,11 @@ def _decode_split_kernel(
     qk_scale,                                           # softmax_scale * log2(e)
     HEAD_DIM: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    IEEE_DOT: tl.constexpr,                             # fp32 inputs: exact fp32 dots, not tf32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1) // m_tiles
+    kvh = (tl.program_id(1) // m_tiles).to(tl.int64)    # head-major caches: kvh * stride_kh can pass 2**31
     m_tile = tl.program_id(1) % m_tiles
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
@@ -103,7 +103,11 @@ def _decode_split_kernel(
         n_mask = cols < hi
         k = tl.load(k_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) log2 units
+        if IEEE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * qk_scale                                                # (BLOCK_M, BLOCK_N) log2 units
         valid = n_mask[None, :] & (cols[None, :] <= pos[:, None])
         if HAS_WINDOW:
             valid = valid & (cols[None, :] >= pos[:, None] - window_left)
@@ -113,7 +117,11 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None]
+        if IEEE_DOT:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)                           # p in the cache dtype, as FA2
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -281,7 +289,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None,
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
         scale * math.log2(math.e),
         HEAD_DIM=d, HAS_WINDOW=window_left >= 0,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        IEEE_DOT=q.dtype == torch.float32,
         **cfg,
     )
     if direct:
