@@ -50,6 +50,7 @@ def _decode_split_kernel(
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_sl,                                          # SEQLENS (b,)
     stride_ob, stride_os, stride_ot, stride_oh,         # O (b, splits, q_len, h, d), d contiguous
     stride_lb, stride_ls, stride_lt,                    # LSE (b, splits, q_len, h), h contiguous
     qk_scale,                                           # softmax_scale * log2(e)
@@ -73,7 +74,7 @@ def _decode_split_kernel(
     d_mask = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
 
-    seqlen = tl.load(SEQLENS + b).to(tl.int32)
+    seqlen = tl.load(SEQLENS + b * stride_sl).to(tl.int32)
     seqlen = tl.minimum(tl.maximum(seqlen, 0), max_seqlen)
     pos = seqlen - q_len + t                                              # (BLOCK_M,) key position of each row
 
@@ -284,7 +285,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None,
     _decode_split_kernel[(b, h_kv * m_tiles, num_splits)](
         q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
         q_len, group, m_tiles, max_seqlen, max(window_left, 0),
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_seqlens.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
         scale * math.log2(math.e),

@@ -122,6 +122,7 @@ def test_non_contiguous_inputs():
     _check(q, k, v, s, num_splits=3)
     _check(q, k2, v, s, num_splits=1)
     _check(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, s)              # batch-strided q
+    _check(q, k, v, torch.tensor([[70, 0], [31, 0]], dtype=torch.int32, device=DEVICE)[:, 0])  # strided lengths
 
 
 def test_large_group_uses_several_row_tiles():
