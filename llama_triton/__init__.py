@@ -18,6 +18,7 @@ _EXPORTS = {
     "swiglu": "llama_triton.ops.swiglu",
     "cross_entropy": "llama_triton.ops.cross_entropy",
     "fused_linear_cross_entropy": "llama_triton.ops.cross_entropy",
+    "rms_norm_matmul": "llama_triton.ops.rms_norm_matmul",
     "decode_attention": "llama_triton.ops.decode_attention",
 }
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .ops.rms_norm import rms_norm
+from .ops.rms_norm_matmul import fold_norm_weight, rms_norm_matmul
 from .ops.rope import compute_inv_freq, rope_parameters
 from .ops.swiglu import swiglu
 
@@ -322,6 +323,69 @@ class SwiGLUMLP(nn.Module):
         new.hidden_size = module.gate_proj.in_features
         new.intermediate_size = module.gate_proj.out_features
         return new
+
+
+class RMSNormLinear(nn.Module):
+    """An RMSNorm and the linear layer(s) it feeds, as one fused GEMM (``llama_triton.rms_norm_matmul``):
+    the input norm + concatenated q/k/v projections, or the post-attention norm + concatenated gate/up.
+
+    Parameters: ``norm_weight (K,)`` (the RMSNorm's ``weight``; shared with the norm by ``from_modules``),
+    ``weight (sum(out_features), K)`` the concatenated linear weights, optional ``bias``.
+    ``forward(x)`` -> a tuple with one ``(..., out_i)`` tensor per linear (views of one output);
+    ``forward(x, residual)`` -> ``(outputs, residual + x)``. ``fold_()`` pre-multiplies the norm weight into
+    ``weight`` for inference (``norm_weight`` becomes None; not for training).
+    """
+
+    def __init__(self, hidden_size: int, out_features, eps: float = 1e-6, bias: bool = False, device=None,
+                 dtype=None):
+        super().__init__()
+        self.out_features = tuple(int(o) for o in (out_features if isinstance(out_features, (list, tuple))
+                                                   else (out_features,)))
+        self.variance_epsilon = eps
+        self.norm_weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(sum(self.out_features), hidden_size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(sum(self.out_features), device=device, dtype=dtype)) if bias else None
+        if self.weight.device.type != "meta":
+            nn.init.normal_(self.weight, std=hidden_size ** -0.5)
+
+    @classmethod
+    def from_modules(cls, norm: nn.Module, linears) -> "RMSNormLinear":
+        """Build from an HF ``LlamaRMSNorm`` (its weight is shared) and the ``nn.Linear``s it feeds (their
+        weights are concatenated: a copy, so train this module, not the originals)."""
+        linears = list(linears)
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if eps is None or not isinstance(getattr(norm, "weight", None), torch.Tensor):
+            raise TypeError(f"from_modules needs an RMSNorm with `weight` and `variance_epsilon`, got {type(norm).__name__}")
+        if not linears or not all(isinstance(m, nn.Linear) for m in linears):
+            raise TypeError("from_modules needs one or more nn.Linear modules after the norm")
+        has_bias = [m.bias is not None for m in linears]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("from_modules: either all linears have a bias or none")
+        new = cls(norm.weight.shape[0], [m.out_features for m in linears], eps, bias=False, device="meta")
+        new.norm_weight = norm.weight
+        with torch.no_grad():
+            new.weight = nn.Parameter(torch.cat([m.weight for m in linears], 0))
+            new.bias = nn.Parameter(torch.cat([m.bias for m in linears], 0)) if all(has_bias) else None
+        return new
+
+    @torch.no_grad()
+    def fold_(self) -> "RMSNormLinear":
+        """Pre-fold the norm weight into ``weight`` (inference); afterwards ``norm_weight`` is None."""
+        if self.norm_weight is not None:
+            self.weight.copy_(fold_norm_weight(self.norm_weight, self.weight))
+            self.norm_weight = None
+        return self
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        out = rms_norm_matmul(x, self.norm_weight, self.weight, self.variance_epsilon, residual)
+        y, res = (out if residual is not None else (out, None))
+        if self.bias is not None:
+            y = y + self.bias
+        outs = tuple(y.split(self.out_features, dim=-1))
+        return (outs, res) if residual is not None else outs
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.weight.shape[1]}, out_features={self.out_features}, eps={self.variance_epsilon}"
 
 
 # ----------------------------------------------------------------------------- quantized linear (issue 7)

@@ -15,6 +15,7 @@ import torch
 from . import reference
 from .ops.rms_norm import rms_norm
 from .ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
+from .ops.rms_norm_matmul import rms_norm_matmul
 from .ops.rope import apply_rotary_pos_emb
 from .ops.swiglu import swiglu
 from .ops.decode_attention import decode_attention
@@ -267,6 +268,60 @@ REGISTRY.append(OpSpec(
     bench_shapes=[{"tokens": 8192, "hidden": 4096, "vocab": 128256}, {"tokens": 4096, "hidden": 4096, "vocab": 32000}],
     grad_inputs=(0, 1),
     description="lm_head matmul + cross-entropy in token chunks, never materialising (tokens, vocab) logits",
+))
+
+
+# ------------------------------------------------------------------------ RMSNorm + matmul (issue 6)
+def _rmm_inputs(residual):
+    def make(shape, dtype, device):
+        m, k, n = shape["rows"], shape["hidden"], shape["out"]
+        x = torch.randn(m, k, dtype=dtype, device=device)
+        nw = (1 + 0.1 * torch.randn(k, device=device)).to(dtype)
+        w = (torch.randn(n, k, device=device) * k ** -0.5).to(dtype)
+        return (x, torch.randn(m, k, dtype=dtype, device=device), nw, w) if residual else (x, nw, w)
+    return make
+
+
+def _rmm_bytes(shape, dtype, mode):
+    m, k, n = shape["rows"], shape["hidden"], shape["out"]
+    return (m * k + n * k + m * n) * _elt(dtype) * (1 if mode == "fwd" else 2)
+
+
+def _rmm_config(shape, dtype):
+    from .kernels.rms_norm_matmul import describe_config
+
+    return describe_config(shape["rows"], shape["out"], shape["hidden"])
+
+
+_RMM_TEST_SHAPES = [{"rows": 1, "hidden": 1, "out": 1}, {"rows": 17, "hidden": 129, "out": 40},
+                    {"rows": 5, "hidden": 4095, "out": 33}]
+_RMM_BENCH_SHAPES = [{"rows": m, "hidden": 4096, "out": n} for n in (6144, 28672) for m in (1, 16, 256, 2048, 8192)]
+
+REGISTRY.append(OpSpec(
+    name="rms_norm_matmul",
+    fn=lambda x, nw, w: rms_norm_matmul(x, nw, w, 1e-6),
+    reference=lambda x, nw, w: reference.rms_norm_matmul(x, nw, w, 1e-6),
+    make_inputs=_rmm_inputs(False),
+    flops=lambda s: 2 * s["rows"] * s["hidden"] * s["out"],
+    bytes=_rmm_bytes,
+    test_shapes=_RMM_TEST_SHAPES,
+    bench_shapes=_RMM_BENCH_SHAPES,
+    grad_inputs=(0, 1, 2),
+    description="RMSNorm fused into the following GEMM (q/k/v or gate/up), Llama-3-8B shapes",
+    config=_rmm_config,
+))
+REGISTRY.append(OpSpec(
+    name="add_rms_norm_matmul",
+    fn=lambda x, r, nw, w: rms_norm_matmul(x, nw, w, 1e-6, residual=r),
+    reference=lambda x, r, nw, w: reference.rms_norm_matmul(x, nw, w, 1e-6, residual=r),
+    make_inputs=_rmm_inputs(True),
+    flops=lambda s: 2 * s["rows"] * s["hidden"] * s["out"],
+    bytes=_rmm_bytes,
+    test_shapes=_RMM_TEST_SHAPES[1:],
+    bench_shapes=[s for s in _RMM_BENCH_SHAPES if s["out"] == 6144],
+    grad_inputs=(0, 1, 2, 3),
+    description="residual add + RMSNorm fused into the following GEMM",
+    config=_rmm_config,
 ))
 
 
