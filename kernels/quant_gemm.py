@@ -19,7 +19,10 @@ Two paths, chosen by M (rows of x):
     stream the weight to fill every SM; each writes an fp32 partial to a workspace ``(SPLIT_K, M, N)``
     that is summed afterwards (deterministic, no atomics).
   * prefill (M > 16):  tiled GEMM with grouped tile ordering for L2 reuse, direct store.
-Both are autotuned on (M bucket, N, K, bits, group size), never on M itself.
+Both are autotuned on (M bucket, N, K, bits, group size), never on M itself. Decode loads each code on its
+own (PACK rows of a tile read the same int32 word, served by L1: the GPTQ-Triton split-K pattern, small
+register tiles); prefill loads each word once, ``(BLOCK_K / PACK, BLOCK_N)``, and unpacks it in registers
+(``COMPACT``), so the pipelined shared-memory tile is 8x smaller than the unpacked int32 tile.
 """
 from __future__ import annotations
 

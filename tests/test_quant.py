@@ -369,6 +369,13 @@ def test_bad_input(call, exc, match):
         call()
 
 
+def test_torch_compile_fullgraph_traces_quant_linear():
+    torch.manual_seed(0)
+    ql = layers.QuantLinear.from_linear(nn.Linear(64, 40), bits=4, group_size=32, sym=False).to(DEVICE)
+    x = torch.randn(3, 64, device=DEVICE)
+    torch.testing.assert_close(torch.compile(ql, fullgraph=True)(x), ql(x), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 7, 16, 100, 1024])
@@ -394,3 +401,61 @@ def test_gpu_torch_compile_fullgraph():
     ql = layers.QuantLinear.from_linear(lin, bits=4, group_size=128, sym=False)
     x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(torch.compile(ql, fullgraph=True)(x), ql(x), rtol=0, atol=0)
+
+
+def _markov_text(n_words=2500, seed=0) -> torch.Tensor:
+    """Bytes of a text made here: each word is followed by one of three fixed successors at random."""
+    g = torch.Generator().manual_seed(seed)
+    words = "the quick brown fox jumps over lazy dog while seven wizards quietly hex jolly brave knights".split()
+    nxt = torch.randint(0, len(words), (len(words), 3), generator=g)
+    w, out = 0, []
+    for _ in range(n_words):
+        out.append(words[w])
+        w = int(nxt[w, torch.randint(0, 3, (1,), generator=g)])
+    return torch.tensor(list(" ".join(out).encode()), dtype=torch.long)
+
+
+def test_quantize_model_perplexity_on_our_model(monkeypatch):
+    """Train our tiny model briefly on a made-up text, quantize it, compare held-out perplexity (the README
+    numbers come from this test: run it with -s), and check the quantized model's kernels vs the reference."""
+    import copy
+
+    from llama_triton.model import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("LLAMA_TRITON_BACKEND", "torch")          # training and scoring on the PyTorch path
+    data = _markov_text()
+    train, held_out = data[:-1024], data[-1024:].view(-1, 64)
+    g = torch.Generator().manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.preset("tiny")).init_weights(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(50):
+        idx = torch.randint(0, len(train) - 33, (8,), generator=g)
+        batch = torch.stack([train[i:i + 32] for i in idx])
+        opt.zero_grad()
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+    model.eval()
+
+    def ppl(m):
+        with torch.no_grad():
+            return m(held_out, labels=held_out).loss.exp().item()
+
+    fp = ppl(model)
+    results = {}
+    for bits, group, sym in ((8, -1, True), (4, -1, False), (4, 16, True), (4, 16, False)):
+        q = quant.quantize_model(copy.deepcopy(model), bits=bits, group_size=group, sym=sym)
+        results[(bits, group, sym)] = ppl(q)
+    print(f"\nheld-out perplexity: fp32 {fp:.4f}; " + "; ".join(
+        f"w{b} {'g' + str(gs) if gs != -1 else 'per-channel'} {'sym' if s else 'zero-point'} {p:.4f} ({100 * (p / fp - 1):+.2f}%)"
+        for (b, gs, s), p in results.items()))
+    assert fp < 8, "the model did not learn the text: the comparison would mean nothing"
+    assert abs(results[(8, -1, True)] / fp - 1) < 0.01
+    assert all(abs(p / fp - 1) < 0.05 for p in results.values())
+    # the Triton kernels (interpreter / GPU) on the quantized model agree with the reference path
+    q = quant.quantize_model(copy.deepcopy(model), bits=4, group_size=16, sym=False).to(DEVICE)
+    ids = held_out[:1, :16].to(DEVICE)
+    with torch.no_grad():
+        ref_logits = q(ids).logits
+        monkeypatch.delenv("LLAMA_TRITON_BACKEND")
+        logits = q(ids).logits
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-3, atol=1e-3)
