@@ -1,4 +1,4 @@
-"""The `llama-triton` command: verify, bench, demo.
+"""The `llama-triton` command: verify, bench, demo, generate, eval, profile.
 
 Triton's CPU interpreter must be switched on before triton is imported, so this module imports torch only
 at the top and everything that defines kernels inside the subcommands, after `_select_runtime()`.
@@ -55,6 +55,92 @@ def cmd_bench(args) -> int:
     return bench.run(op=args.op, out_dir=args.out)
 
 
+# ---------------------------------------------------------------- model commands: demo, generate, eval, profile
+def cmd_demo(args) -> int:
+    """The main job: the embedded tiny model through the Triton kernels, parity table, generation."""
+    _select_runtime()
+    from . import demo
+
+    return demo.run(prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+
+def _load_model(args):
+    """--model DIR (HF format) or --preset NAME (random weights), on CUDA when present, else CPU."""
+    device = _select_runtime()
+    from .model import LlamaConfig, LlamaForCausalLM
+
+    dtype = DTYPE_NAMES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    if getattr(args, "model", None):
+        return LlamaForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+    overrides = {"num_hidden_layers": args.layers} if getattr(args, "layers", None) else {}
+    return LlamaForCausalLM.random(LlamaConfig.preset(args.preset, **overrides), dtype=dtype, device=device)
+
+
+def cmd_generate(args) -> int:
+    _select_runtime()                         # before anything imports triton
+    import time
+
+    from .tokenizer import load_tokenizer
+
+    model = _load_model(args)
+    tok = load_tokenizer(args.model)
+    ids = torch.tensor([tok.encode(args.prompt)], device=model.device)
+    print(args.prompt, end="", flush=True)
+    printed = [ids.shape[1]]
+    seq = ids[0].tolist()
+
+    def stream(t):
+        seq.append(int(t[0]))
+        print(tok.decode(seq[printed[0]:]), end="", flush=True)
+        printed[0] = len(seq)
+
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, eos_token_id=tok.eos_token_id, streamer=stream)
+    secs = time.perf_counter() - t0
+    print(f"\n[{len(seq) - ids.shape[1]} tokens in {secs:.2f} s: {(len(seq) - ids.shape[1]) / secs:.2f} tokens/s]")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    _select_runtime()                         # before anything imports triton
+    from .demo import Progress
+    from .evaluate import perplexity
+    from .tokenizer import load_tokenizer
+
+    model = _load_model(args)
+    with open(args.text, encoding="utf-8") as f:
+        ids = load_tokenizer(args.model).encode(f.read())
+    bars = {}
+
+    def progress(done, total):
+        bars.setdefault("bar", Progress("windows", total))(done)
+
+    res = perplexity(model, ids, max_length=args.max_length, stride=args.stride, progress=progress)
+    print(f"perplexity {res.ppl:.4f} (nll {res.nll:.4f} nats/token) over {res.tokens} tokens, {res.windows} "
+          f"windows of {args.max_length}; {res.tokens_per_s:.1f} tokens/s ({res.seconds:.2f} s)")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    _select_runtime()                         # before anything imports triton
+    from . import profiling
+
+    model = _load_model(args)
+    profiling.run(model, batch=args.batch, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
+                  trace=args.trace)
+    return 0
+
+
+def _model_args(p, preset: bool = False) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="HF-format model directory (config.json + safetensors)")
+    if preset:
+        g.add_argument("--preset", help="named config with random weights (tiny, llama-3-8b, ...)")
+        p.add_argument("--layers", type=int, help="override num_hidden_layers (smaller --preset models)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bfloat16 on CUDA, float32 on CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama-triton", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,10 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--op", help="only this registry op")
     b.add_argument("--out", help="output directory (default benchmarks/results/<gpu>)")
     b.set_defaults(func=cmd_bench)
-    d = sub.add_parser("demo", help="the main job (for now: verify every op)")
-    d.add_argument("--op", help=argparse.SUPPRESS)
-    d.add_argument("--dtype", action="append", choices=sorted(DTYPE_NAMES), help=argparse.SUPPRESS)
-    d.set_defaults(func=cmd_verify)
+    d = sub.add_parser("demo", help="the main job: tiny model through the kernels, parity table, generation")
+    d.add_argument("--prompt", default="Once upon a time")
+    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    g = sub.add_parser("generate", help="generate text from a HF-format model directory")
+    _model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.set_defaults(func=cmd_generate)
+    e = sub.add_parser("eval", help="perplexity of a text file (sliding window) and tokens/s")
+    _model_args(e)
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument("--max-length", type=int, default=512, help="window length (tokens)")
+    e.add_argument("--stride", type=int, help="window step (default max-length / 2)")
+    e.set_defaults(func=cmd_eval)
+    pr = sub.add_parser("profile", help="torch.profiler over prefill + decode: time per kernel, Chrome trace")
+    _model_args(pr, preset=True)
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--prompt-len", type=int, default=128)
+    pr.add_argument("--decode-steps", type=int, default=8)
+    pr.add_argument("--trace", default="profile_trace.json", help="Chrome trace output path")
+    pr.set_defaults(func=cmd_profile)
     return p
 
 

@@ -88,6 +88,29 @@ class LlamaForCausalLM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
+    @classmethod
+    @torch.no_grad()
+    def random(cls, config, dtype=torch.float32, device=None, seed: int = 0, std: float = 0.02) -> "LlamaForCausalLM":
+        """A model with random weights built directly on `device` in `dtype` (fast for 8B shapes on a GPU: no
+        CPU init, no fp32 copy). Weights are not bit-identical across devices; use init_weights for that."""
+        if isinstance(config, str):
+            config = LlamaConfig.preset(config)
+        with torch.device("meta"):
+            model = cls(config)
+        device = torch.device(device or "cpu")
+        model = model.to(dtype=dtype).to_empty(device=device)
+        model.tie_weights()
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=gen)
+        model.model.reset_rotary(device)
+        return model.eval()
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device

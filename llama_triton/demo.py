@@ -1,0 +1,194 @@
+"""`llama-triton demo`: the embedded tiny model (deterministic random weights, byte tokenizer) run through the
+Triton kernels (Triton's interpreter on a CPU): a per-op parity table against the PyTorch reference, a
+whole-model check against an fp64 reference run, then text generation with tokens/s.
+
+Random weights generate gibberish: the demo proves the kernels and the model plumbing, not language skill.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import _fallback, backend, reference, testing
+from .config import LlamaConfig
+from .model import LlamaForCausalLM
+from .tokenizer import ByteTokenizer
+
+
+class Progress:
+    """A one-line progress bar on stderr: Progress("decode", total)(done)."""
+
+    def __init__(self, label: str, total: int, stream=None):
+        self.label, self.total, self.t0 = label, total, time.perf_counter()
+        self.stream = stream or sys.stderr
+
+    def __call__(self, done: int, extra: str = "") -> None:
+        if not (self.stream.isatty() or done >= self.total):   # redirected output: the final line only
+            return
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        end = "\n" if done >= self.total else ""
+        self.stream.write(f"{chr(13) if self.stream.isatty() else ''}  {self.label:8s} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+                          f"{rate:6.2f}/s {extra}{end}")
+        self.stream.flush()
+
+
+def _impl(kind: str, name: str, device) -> str:
+    if _fallback.is_fallback(kind, name):
+        return "fallback"
+    if not backend.use_triton(torch.empty(0, device=device)):
+        return "torch-backend"
+    return "triton-interp" if device.type == "cpu" else "triton"
+
+
+def op_checks(config, device, dtype) -> list[tuple]:
+    """(op, implementation, shape, max abs err, bound, ok) for each op the model uses, on the model's shapes,
+    under the 2x rule against an fp64 oracle (llama_triton.testing.compare)."""
+    g = torch.Generator().manual_seed(0)
+    b, s, h, hkv, d, hid = 2, 16, config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    rows = []
+
+    def check(label, kind, name, shape, fn, ref_fn, args):
+        ours = testing.as_tuple(fn(*args))
+        low = testing.as_tuple(ref_fn(*args))
+        hi = testing.as_tuple(ref_fn(*testing.to_oracle(args)))
+        cs = [testing.compare(label, o, l, r) for o, l, r in zip(ours, low, hi)]
+        worst = max(cs, key=lambda c: c.max_abs / c.bound)
+        rows.append((label, _impl(kind, name, device), shape, worst.max_abs, worst.bound, all(c.ok for c in cs)))
+
+    x, w = rnd(b * s, hid), (1 + 0.1 * rnd(hid))
+    from .ops.rms_norm import rms_norm
+
+
+    check("rms_norm", "op", "rms_norm", f"({b * s}, {hid})", lambda x, w: rms_norm(x, w, 1e-5),
+          lambda x, w: reference.rms_norm(x, w, 1e-5), (x, w))
+    check("add_rms_norm", "op", "rms_norm", f"({b * s}, {hid})", lambda x, r, w: rms_norm(x, w, 1e-5, r),
+          lambda x, r, w: reference.rms_norm(x, w, 1e-5, r), (x, rnd(b * s, hid), w))
+    q, k = rnd(b, h, s, d), rnd(b, hkv, s, d)
+    pos = torch.arange(s, device=device)[None].expand(b, s)
+    cos, sin = _fallback.RotaryEmbedding(config, device=device)(q, pos)
+    check("rotary", "op", "apply_rotary_pos_emb", f"q ({b}, {h}, {s}, {d})", _fallback.op("apply_rotary_pos_emb"),
+          _fallback.apply_rotary_pos_emb, (q, k, cos, sin))
+    qf, kf, vf = rnd(b, s, h, d), rnd(b, s, hkv, d), rnd(b, s, hkv, d)
+    check("flash_attention", "op", "flash_attention", f"({b}, {s}, {h}/{hkv}, {d})",
+          lambda q, k, v: _fallback.op("flash_attention")(q, k, v, causal=True),
+          lambda q, k, v: reference.attention(q, k, v, causal=True), (qf, kf, vf))
+    kc, vc = rnd(b, 2 * s, hkv, d), rnd(b, 2 * s, hkv, d)
+    lens = torch.tensor([s, 2 * s - 3], dtype=torch.int32, device=device)
+    check("decode_attention", "op", "decode_attention", f"q ({b}, 1, {h}, {d}) cache {2 * s}",
+          lambda q, k, v: _fallback.op("decode_attention")(q, k, v, lens),
+          lambda q, k, v: reference.decode_attention(q, k, v, lens), (rnd(b, 1, h, d), kc, vc))
+    mlp = _fallback.layer("SwiGLUMLP")(config).to(device=device, dtype=dtype)
+    wg, wu, wd = (getattr(mlp, n).weight.detach() for n in ("gate_proj", "up_proj", "down_proj"))
+
+    def ref_mlp(x):                                   # HF LlamaMLP in x's precision
+        return F.linear(F.silu(F.linear(x, wg.to(x.dtype))) * F.linear(x, wu.to(x.dtype)), wd.to(x.dtype))
+
+    with torch.no_grad():
+        check("swiglu_mlp", "layer", "SwiGLUMLP", f"({b * s}, {hid}) -> {config.intermediate_size}", mlp, ref_mlp,
+              (rnd(b * s, hid),))
+    return rows
+
+
+def reference_forward(model, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The model's logits computed independently in plain PyTorch (llama_triton.reference ops + torch) in
+    `dtype` (float64: the oracle). ids (b, s) -> (b, s, vocab)."""
+    c = model.config
+    p = {n: t.detach().to(dtype) for n, t in model.named_parameters()}
+    b, s = ids.shape
+    x = F.embedding(ids, p["model.embed_tokens.weight"])                                # (b, s, hidden)
+    pos = torch.arange(s, device=ids.device)[None].expand(b, s)
+    cos, sin = _fallback.RotaryEmbedding(c, device=ids.device)(x, pos)                  # (b, s, head_dim)
+    for i in range(c.num_hidden_layers):
+        w = lambda n: p[f"model.layers.{i}.{n}"]                                        # noqa: E731
+        h = reference.rms_norm(x, w("input_layernorm.weight"), c.rms_norm_eps)
+        q = F.linear(h, w("self_attn.q_proj.weight")).view(b, s, -1, c.head_dim)        # (b, s, h, d)
+        k = F.linear(h, w("self_attn.k_proj.weight")).view(b, s, -1, c.head_dim)        # (b, s, h_kv, d)
+        v = F.linear(h, w("self_attn.v_proj.weight")).view(b, s, -1, c.head_dim)
+        q, k = _fallback.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        a = reference.attention(q.transpose(1, 2), k.transpose(1, 2), v, causal=True)   # (b, s, h, d)
+        x = x + F.linear(a.reshape(b, s, -1), w("self_attn.o_proj.weight"))
+        h = reference.rms_norm(x, w("post_attention_layernorm.weight"), c.rms_norm_eps)
+        x = x + F.linear(F.silu(F.linear(h, w("mlp.gate_proj.weight"))) * F.linear(h, w("mlp.up_proj.weight")),
+                         w("mlp.down_proj.weight"))
+    x = reference.rms_norm(x, p["model.norm.weight"], c.rms_norm_eps)
+    return F.linear(x, p.get("lm_head.weight", p["model.embed_tokens.weight"]))
+
+
+def model_check(model, ids) -> tuple[float, float, bool]:
+    """Our model (Triton kernels) vs an independent plain-PyTorch forward of the same weights, in the
+    model's dtype and in fp64 (the oracle). Returns (our max abs logit err, PyTorch's, ok by the 2x rule)."""
+    with torch.no_grad():
+        ours = model(ids).logits
+        low = reference_forward(model, ids, model.dtype)
+        hi = reference_forward(model, ids, torch.float64)
+    c = testing.compare("logits", ours, low, hi)
+    return c.max_abs, c.torch_abs, c.ok
+
+
+def run(prompt: str = "Once upon a time", max_new_tokens: int = 24, seed: int = 0, temperature: float = 0.8,
+        out=None) -> int:
+    out = out or sys.stdout
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32
+    print(backend.describe(), file=out)
+    config = LlamaConfig.preset("tiny")
+    model = LlamaForCausalLM(config).init_weights(seed=seed).to(device).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: tiny preset ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_attention_heads} heads / {config.num_key_value_heads} kv heads, vocab {config.vocab_size}, "
+          f"{n_params / 1e3:.0f}k parameters, random weights seed {seed}), {str(dtype)[6:]} on {device}", file=out)
+
+    print("\nper-op parity vs llama_triton.reference (model shapes; fp64 oracle, 2x rule):", file=out)
+    header = f"{'op':18s} {'runs':14s} {'shape':28s} {'max abs err':>12s} {'bound':>10s}  pass"
+    print(header + "\n" + "-" * len(header), file=out)
+    rows = op_checks(config, device, dtype)
+    failures = 0
+    for label, impl, shape, err, bound, ok in rows:
+        failures += not ok
+        print(f"{label:18s} {impl:14s} {shape:28s} {err:12.3e} {bound:10.3e}  {'PASS' if ok else 'FAIL'}", file=out)
+    fallbacks = [r[0] for r in rows if r[1] == "fallback"]
+    if fallbacks:
+        print(f"note: {', '.join(fallbacks)} ran the plain-PyTorch fallback (op not built in this checkout)", file=out)
+
+    tok = ByteTokenizer()
+    ids = torch.tensor([tok.encode(prompt)], device=device)
+    err, ref_err, ok = model_check(model, ids)
+    failures += not ok
+    print(f"\nwhole model, {ids.shape[1]} tokens: max |logit err| {err:.3e} vs fp64 reference "
+          f"(PyTorch fp32: {ref_err:.3e})  {'PASS' if ok else 'FAIL'}", file=out)
+
+    print(f"\ngenerating {max_new_tokens} tokens after {prompt!r} (greedy, then sampled at T={temperature}):", file=out)
+    texts = {}
+    for label, temp in (("greedy", 0.0), ("sampled", temperature)):
+        bar = Progress(label, max_new_tokens)
+        count = [0]
+
+        def stream(t, count=count, bar=bar):
+            count[0] += 1
+            bar(count[0])
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids[:, :1], max_new_tokens=1)                       # warm-up (kernel compile)
+            t1 = time.perf_counter()
+            res = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temp, top_k=50,
+                                 generator=torch.Generator(device=device).manual_seed(seed), streamer=stream)
+        secs = time.perf_counter() - t1
+        texts[label] = (tok.decode(res[0, ids.shape[1]:]), max_new_tokens / secs, time.perf_counter() - t0)
+    for label, (text, tps, _) in texts.items():
+        print(f"  {label:8s} {tps:7.2f} tokens/s  {prompt!r} + {text!r}", file=out)
+    if device.type == "cpu":
+        print("  (Triton interpreter on CPU: tokens/s here are not performance figures)", file=out)
+    print(f"\n{'all checks passed' if not failures else f'{failures} check(s) FAILED'} in "
+          f"{time.perf_counter() - t_start:.1f} s", file=out)
+    return 1 if failures else 0
