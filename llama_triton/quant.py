@@ -371,3 +371,46 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip=
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear.from_linear(lin, bits=bits, group_size=group_size, sym=sym))
     return model
+
+
+def load_quantized_state_dict(model: nn.Module, state_dict: dict, quant_method: str = "gptq", bits: int = 4,
+                              checkpoint_format: str = "gptq") -> list:
+    """Swap in the quantized linears of a GPTQ / AWQ checkpoint (in place) and return their names.
+
+    ``state_dict`` maps HF-style names to tensors (e.g. a safetensors file's contents): every
+    ``<name>.qweight`` with its ``<name>.qzeros``, ``<name>.scales`` (and for GPTQ an optional
+    ``<name>.g_idx``; an optional ``<name>.bias``) replaces the ``nn.Linear`` (or QuantLinear) ``<name>`` of
+    ``model`` by ``layers.QuantLinear.from_gptq`` / ``from_awq``, on that module's device, checking its
+    shape. The remaining (unquantized) tensors are not touched: load them with ``model.load_state_dict(...,
+    strict=False)``.
+    """
+    from .layers import QuantLinear
+
+    if quant_method not in ("gptq", "awq"):
+        raise ValueError(f"quant_method must be 'gptq' or 'awq', got {quant_method!r}")
+    replaced = []
+    for key in sorted(k for k in state_dict if k.endswith(".qweight")):
+        name = key[: -len(".qweight")]
+        missing = [f"{name}.{s}" for s in ("qzeros", "scales") if f"{name}.{s}" not in state_dict]
+        if missing:
+            raise ValueError(f"checkpoint has {key} but not {', '.join(missing)}")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"checkpoint tensor {key} has no module {name!r} in the model") from e
+        t = lambda s: state_dict.get(f"{name}.{s}")  # noqa: E731
+        if quant_method == "gptq":
+            new = QuantLinear.from_gptq(t("qweight"), t("qzeros"), t("scales"), t("g_idx"), t("bias"), bits=bits,
+                                        checkpoint_format=checkpoint_format)
+        else:
+            new = QuantLinear.from_awq(t("qweight"), t("qzeros"), t("scales"), t("bias"))
+        shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+        if shape != (new.out_features, new.in_features):
+            raise ValueError(f"{name}: the checkpoint holds a {new.out_features}x{new.in_features} weight but the "
+                             f"model's module is {shape[0]}x{shape[1]}")
+        ref = next(iter(old.buffers()), None) if not isinstance(old, nn.Linear) else old.weight
+        new = new.to(ref.device if ref is not None else "cpu")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replaced.append(name)
+    return replaced

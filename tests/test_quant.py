@@ -105,7 +105,7 @@ def _fmt(name):
 
 
 FORMATS = ["rtn-4-32-sym", "rtn-4-64-asym", "rtn-4-128-sym", "rtn-4-ch-asym", "rtn-8-ch-sym", "rtn-8-ch-asym",
-           "rtn-8-64-asym", "gptq-4-v1-act", "gptq-4-v2-plain", "gptq-8-v1-plain", "awq"]
+           "rtn-8-64-asym", "gptq-4-v1-act", "gptq-4-v2-plain", "gptq-8-v1-plain", "gptq-8-v2-act", "awq"]
 
 
 def _check(x, qw):
@@ -310,6 +310,36 @@ def test_quantize_model_on_transformers_llama():
     # perplexity of the model's own greedy-free sample text: quantised vs full precision
     nll = lambda lg: nn.functional.cross_entropy(lg[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))  # noqa: E731
     assert abs(nll(logits).exp() / nll(ref_logits).exp() - 1) < 0.05
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_load_quantized_state_dict_into_transformers_llama(method):
+    """A whole GPTQ (v1, act-order) / AWQ checkpoint built here: every projection swapped in, forward equal to
+    the same model with the dequantised weights."""
+    model, fake = _tiny_llama(), _tiny_llama()
+    sd, group = {}, 32
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head"]
+    for i, name in enumerate(names):
+        lin = model.get_submodule(name)
+        K, Nn = lin.in_features, lin.out_features
+        q, z, s = _random_checkpoint(K, Nn, 4, group, scale_dtype=torch.float32, seed=i)
+        if method == "gptq":
+            g_idx = _act_order_g_idx(K, group, seed=i)
+            sd.update({f"{name}.qweight": gptq_pack_qweight(q, 4), f"{name}.qzeros": gptq_pack_qzeros(z, 4, True),
+                       f"{name}.scales": s, f"{name}.g_idx": g_idx})
+            z = ((z - 1) & 15) + 1
+        else:
+            g_idx = torch.arange(K) // group
+            sd.update({f"{name}.qweight": awq_pack(q), f"{name}.qzeros": awq_pack(z), f"{name}.scales": s})
+        with torch.no_grad():
+            fake.get_submodule(name).weight.copy_(_expected_weight(q, z, s, g_idx))
+    assert sorted(quant.load_quantized_state_dict(model, sd, method)) == sorted(names)
+    assert all(isinstance(model.get_submodule(n), layers.QuantLinear) for n in names)
+    ids = torch.randint(0, 128, (1, 6), device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, fake(ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="qzeros"):
+        quant.load_quantized_state_dict(model, {"model.layers.0.mlp.up_proj.qweight": sd[f"{names[0]}.qweight"]})
 
 
 def test_quantize_model_generic_module_and_skip():
