@@ -4,14 +4,15 @@
 KVCache: decode_attention) and ``hf_attention_forward``, the function registered with transformers as
 ``attn_implementation="llama_triton"``: it takes HF-shaped (b, h, s, d) tensors and HF's padding mask, and
 runs flash_attention on transposed views (varlen, unpadded, when there is padding).
-Each uses the Triton op when it exists in this checkout, else the reference (llama_triton._fallback).
+The ops dispatch as llama_triton.backend decides (Triton kernels, or the PyTorch reference).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import _fallback
+from .ops.decode_attention import decode_attention
+from .ops.flash_attention import flash_attention
 
 
 def window_size(sliding_window: int | None) -> tuple[int, int]:
@@ -21,15 +22,14 @@ def window_size(sliding_window: int | None) -> tuple[int, int]:
 
 def causal_attention(q, k, v, softmax_scale=None, sliding_window=None):
     """q (b, s, h, d), k/v (b, s, h_kv, d) -> (b, s, h, d): causal (bottom-right) attention, GQA, window."""
-    return _fallback.op("flash_attention")(q, k, v, causal=True, softmax_scale=softmax_scale,
-                                           window_size=window_size(sliding_window))
+    return flash_attention(q, k, v, causal=True, softmax_scale=softmax_scale, window_size=window_size(sliding_window))
 
 
 def cached_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, sliding_window=None):
     """q (b, q_len, h, d) over k/v_cache (b, max_seqlen, h_kv, d) holding cache_seqlens int32 (b,) valid
     entries (the new tokens' keys included) -> (b, q_len, h, d)."""
-    return _fallback.op("decode_attention")(q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale,
-                                            window_size=window_size(sliding_window))
+    return decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale,
+                            window_size=window_size(sliding_window))
 
 
 def _masked_dense(q, k, v, mask, scale):
@@ -79,7 +79,7 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
     lens_k, lens_q = mask.sum(1, dtype=torch.int32), q_mask.sum(1, dtype=torch.int32)
     cu_k = F.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))
     cu_q = F.pad(lens_q.cumsum(0, dtype=torch.int32), (1, 0))
-    out = _fallback.op("flash_attention")(
+    out = flash_attention(
         q.reshape(b * sq, h, d)[idx_q], k.reshape(b * n, -1, d)[idx_k], v.reshape(b * n, -1, d)[idx_k],
         causal=True, softmax_scale=scaling, window_size=window_size(sliding_window), cu_seqlens_q=cu_q,
         cu_seqlens_k=cu_k, max_seqlen_q=int(lens_q.max()), max_seqlen_k=int(lens_k.max()))

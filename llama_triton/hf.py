@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from . import _fallback
 from .attention import hf_attention_forward
-from .layers import Attention, RMSNorm
+from .layers import Attention, RMSNorm, RotaryEmbedding, SwiGLUMLP
+from .ops.rope import SUPPORTED_ROPE_TYPES
 
 ATTN_IMPLEMENTATION = "llama_triton"
 _ORIGINALS = "_llama_triton_originals"
@@ -65,12 +65,10 @@ def patch_mapping() -> dict[str, type]:
     mapping: dict[str, type] = {}
     # RotaryEmbedding is left out: transformers' _init_weights re-initialises rotary modules through HF-only
     # hooks (compute_default_rope_parameters); patch() swaps it in place instead.
-    mlp = _fallback.layer("SwiGLUMLP")
     for fam in _FAMILIES:
         mapping[f"{fam}RMSNorm"] = RMSNorm
         mapping[f"{fam}Attention"] = Attention
-        if mlp is not _fallback.SwiGLUMLP:
-            mapping[f"{fam}MLP"] = mlp
+        mapping[f"{fam}MLP"] = SwiGLUMLP
     return mapping
 
 
@@ -103,23 +101,17 @@ def _replacement(module: nn.Module, report: PatchReport, path: str, norms, mlp, 
     if attention and cls.endswith("Attention") and hasattr(module, "q_proj"):
         return Attention.from_module(module)
     if mlp and cls.endswith("MLP"):
-        ours = _fallback.layer("SwiGLUMLP")
         act = getattr(getattr(module, "config", None), "hidden_act", "silu")
-        if ours is _fallback.SwiGLUMLP:
-            report.kept.append((path, cls, "SwiGLUMLP op not built yet"))
-        elif act not in ("silu", "swish"):
+        if act not in ("silu", "swish"):
             report.kept.append((path, cls, f"hidden_act {act!r} is not SwiGLU"))
-        elif hasattr(ours, "from_module"):
-            return ours.from_module(module)
+        else:
+            return SwiGLUMLP.from_module(module)
     if rotary and cls.endswith("RotaryEmbedding"):
-        ours = _fallback.layer("RotaryEmbedding")
         kind = getattr(module, "rope_type", "default")
-        if ours is _fallback.RotaryEmbedding:
-            report.kept.append((path, cls, "RotaryEmbedding op not built yet"))
-        elif kind not in ("default", "linear", "llama3"):
+        if kind not in SUPPORTED_ROPE_TYPES:
             report.kept.append((path, cls, f"rope_type {kind!r} not supported"))
         else:
-            return ours(module.config, device=module.inv_freq.device)
+            return RotaryEmbedding(module.config, device=module.inv_freq.device)
     return None
 
 

@@ -93,8 +93,8 @@ class Attention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, position_ids=None,
                 fresh_cache: bool = False, **kwargs):
-        from . import _fallback
         from .attention import cached_attention, causal_attention, hf_attention_forward
+        from .ops.rope import apply_rotary_pos_emb
 
         if position_embeddings is None:
             raise ValueError("Attention.forward needs position_embeddings=(cos, sin) from RotaryEmbedding")
@@ -107,7 +107,7 @@ class Attention(nn.Module):
         k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim)                 # (b, s, h_kv, d)
         v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim)                 # (b, s, h_kv, d)
         cos, sin = position_embeddings
-        q, k = _fallback.op("apply_rotary_pos_emb")(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (b, h, s, d)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)   # (b, h, s, d), (b, h_kv, s, d)
         if cache is None and attention_mask is None:
             out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v, self.scaling, self.sliding_window)
         elif hasattr(cache, "seqlens"):                                              # our static KVCache
@@ -152,11 +152,9 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
-        from . import _fallback
-
         self.hidden_size = config.hidden_size
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = _fallback.layer("SwiGLUMLP")(config)
+        self.mlp = SwiGLUMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 

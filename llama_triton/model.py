@@ -7,8 +7,7 @@
 
 Parameter names match transformers (``model.embed_tokens.weight``, ``model.layers.0.self_attn.q_proj.weight``,
 ``model.layers.0.mlp.gate_proj.weight``, ``model.norm.weight``, ``lm_head.weight``), so HF checkpoints load
-unchanged (llama_triton.checkpoint). Layers whose Triton op has not been built in this checkout run a visible
-plain-torch stand-in (llama_triton._fallback.status()).
+unchanged (llama_triton.checkpoint).
 """
 from __future__ import annotations
 
@@ -18,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _fallback
 from .config import PRESETS, LlamaConfig  # noqa: F401  (re-exported: llama_triton.model.LlamaConfig)
-from .layers import DecoderLayer, RMSNorm
+from .layers import DecoderLayer, KVCache, RMSNorm, RotaryEmbedding
 
 
 @dataclass
@@ -38,11 +36,11 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = _fallback.layer("RotaryEmbedding")(config)
+        self.rotary_emb = RotaryEmbedding(config)
 
     def reset_rotary(self, device=None) -> None:
         """Rebuild the rotary tables (fp32) on `device`: after a meta-device build or a dtype cast."""
-        self.rotary_emb = _fallback.layer("RotaryEmbedding")(self.config, device=device)
+        self.rotary_emb = RotaryEmbedding(self.config, device=device)
 
     def forward(self, input_ids, position_ids=None, caches=None, fresh_cache: bool = False):
         b, s = input_ids.shape
@@ -144,8 +142,7 @@ class LlamaForCausalLM(nn.Module):
         """One static KVCache per layer: (batch, max_seqlen, n_kv_heads, head_dim) buffers."""
         c = self.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        cls = _fallback.layer("KVCache")
-        return [cls(batch, max_seqlen, c.num_key_value_heads, head_dim, dtype=dtype or self.dtype,
+        return [KVCache(batch, max_seqlen, c.num_key_value_heads, head_dim, dtype=dtype or self.dtype,
                     device=device or self.device) for _ in range(c.num_hidden_layers)]
 
     def generate(self, input_ids, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:

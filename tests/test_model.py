@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from _hf_tiny import CONFIGS, hf_model, rel_err, transformers
-from llama_triton import _fallback
 from llama_triton.model import LlamaConfig, LlamaForCausalLM
 
 
@@ -61,13 +60,6 @@ def test_training_loss_and_grads_match_transformers(tmp_path):
         g_ref = hf.get_parameter(name).grad
         g = ours.get_parameter(name).grad
         assert rel_err(g, g_ref) < 1e-4, f"{name}: {rel_err(g, g_ref):.2e}"
-
-
-def test_fallback_status_names_every_model_op():
-    status = _fallback.status()
-    assert set(status) == {label for label, _, _ in _fallback.MODEL_OPS}
-    assert all(v == "triton" or v.startswith("fallback") for v in status.values())
-    assert status["rms_norm"] == "triton"
 
 
 # ---------------------------------------------------------------------------------------------- config
