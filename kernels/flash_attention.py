@@ -89,11 +89,12 @@ def _seq_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
         q_len = tl.load(CU_Q + off_b + 1) - q_start
         k_start = tl.load(CU_K + off_b)
         k_len = tl.load(CU_K + off_b + 1) - k_start
-    else:
-        q_start = 0
-        q_len = seqlen_q
-        k_start = 0
-        k_len = seqlen_k
+    else:                          # tensors, never constexprs (a length of 1 is specialised to a constant)
+        zero = off_b * 0
+        q_start = zero
+        q_len = seqlen_q + zero
+        k_start = zero
+        k_len = seqlen_k + zero
     return q_start, q_len, k_start, k_len
 
 
@@ -103,9 +104,9 @@ def _kv_range(m0, q_len, k_len, window_left, window_right,
     """Key range of query block [m0, m0 + BLOCK_M) as block-aligned phases:
     [lo, full_lo) masked, [full_lo, full_hi) fully visible, [full_hi, hi) masked."""
     diff = k_len - q_len                                   # query i sits at key position i + diff
-    lo = 0
+    lo = diff * 0
     hi = k_len
-    full_lo = 0
+    full_lo = lo
     full_hi = k_len // BLOCK_N * BLOCK_N                   # the ragged last block needs the j < k_len mask
     if HAS_LEFT:
         lo = tl.maximum(m0 + diff - window_left, 0) // BLOCK_N * BLOCK_N
@@ -125,9 +126,9 @@ def _q_range(n0, q_len, k_len, window_left, window_right,
     """Query range that sees key block [n0, n0 + BLOCK_N), as phases like _kv_range (masked, full, masked).
     Keys past k_len only feed dk/dv rows that are never stored, so no k_len mask is needed here."""
     diff = k_len - q_len
-    lo = 0
+    lo = diff * 0
     hi = q_len
-    full_lo = 0
+    full_lo = lo
     full_hi = q_len
     if HAS_RIGHT:   # i + diff + right >= j
         lo = tl.maximum(n0 - window_right - diff, 0) // BLOCK_M * BLOCK_M
@@ -150,6 +151,17 @@ def _visible(rows_pos, cols, k_len, window_left, window_right,
         keep = keep & (cols[None, :] <= rows_pos[:, None] + window_right)
     if HAS_LEFT:
         keep = keep & (cols[None, :] >= rows_pos[:, None] - window_left)
+    return keep
+
+
+@triton.jit
+def _visible_t(rows_pos, cols, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """_visible transposed, (len(cols), len(rows_pos)), without the k_len test (see _q_range)."""
+    keep = rows_pos[None, :] >= rows_pos[None, :]
+    if HAS_RIGHT:
+        keep = keep & (cols[:, None] <= rows_pos[None, :] + window_right)
+    if HAS_LEFT:
+        keep = keep & (cols[:, None] >= rows_pos[None, :] - window_left)
     return keep
 
 
@@ -312,8 +324,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_qd, strid
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale                  # (N, M), log2 units
         pt = tl.math.exp2(st - lse[None, :])
         if MASKED:
-            pt = tl.where(tl.trans(_visible(rows + (k_len - q_len), cols, k_len, window_left, window_right,
-                                            HAS_LEFT, HAS_RIGHT)), pt, 0.0)
+            pt = tl.where(_visible_t(rows + (k_len - q_len), cols, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                          pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)                   # (N, D)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)                           # (N, M)
         dst = pt * (dpt - delta[None, :])
@@ -644,3 +656,13 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max
         *_strides4(dq, varlen), *lse_strides, *scales, **common,
     )
     return dq, dk, dv
+
+
+def chosen_configs() -> str:
+    """The autotuned configs of the last launches (for benchmark output); 'not tuned yet' before any."""
+    parts = []
+    for name, kernel in (("fwd", _attn_fwd_kernel), ("dkdv", _attn_bwd_dkdv_kernel), ("dq", _attn_bwd_dq_kernel)):
+        c = getattr(kernel, "best_config", None)
+        if c is not None:
+            parts.append(f"{name} M{c.kwargs['BLOCK_M']}/N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}")
+    return "; ".join(parts) or "not tuned yet"

@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "flash_attention": "llama_triton.ops.flash_attention",
     "quant_matmul": "llama_triton.ops.quant_matmul",
     "rms_norm": "llama_triton.ops.rms_norm",
     "apply_rotary_pos_emb": "llama_triton.ops.rope",

@@ -385,6 +385,65 @@ for _bits, _sym, _group in ((4, False, 128), (8, True, -1)):
     ))
 
 
+# ------------------------------------------------------------------------------- flash attention (issue 4)
+def _fa_inputs(shape, dtype, device):
+    """q (b, s, h, d), k/v (b, s, h_kv, d)."""
+    b, s, h, hk, d = (shape[k] for k in ("batch", "seqlen", "heads", "heads_kv", "head_dim"))
+    return (torch.randn(b, s, h, d, dtype=dtype, device=device), torch.randn(b, s, hk, d, dtype=dtype, device=device),
+            torch.randn(b, s, hk, d, dtype=dtype, device=device))
+
+
+def _fa_flops(causal):
+    def f(shape):
+        """4 * b * h * s * s * d (QK^T and PV), halved when causal; `bench` takes 2.5x for the backward."""
+        b, s, h, d = (shape[k] for k in ("batch", "seqlen", "heads", "head_dim"))
+        return 4 * b * h * s * s * d // (2 if causal else 1)
+    return f
+
+
+def _fa_bytes(shape, dtype, mode):
+    """fwd: read q, k, v, write out; bwd: read q, k, v, out, dout, write dq, dk, dv."""
+    b, s, h, hk, d = (shape[k] for k in ("batch", "seqlen", "heads", "heads_kv", "head_dim"))
+    q, kv = b * s * h * d, b * s * hk * d
+    return ((2 * q + 2 * kv) if mode == "fwd" else (4 * q + 4 * kv)) * _elt(dtype)
+
+
+def _fa_config(shape, dtype):
+    from .kernels.flash_attention import chosen_configs
+
+    return chosen_configs()
+
+
+def _fa_shape(batch, seqlen, heads, heads_kv, head_dim):
+    return {"batch": batch, "seqlen": seqlen, "heads": heads, "heads_kv": heads_kv, "head_dim": head_dim}
+
+
+def _flash_attention(causal):
+    def fn(q, k, v):
+        from .ops.flash_attention import flash_attention
+
+        return flash_attention(q, k, v, causal=causal)
+    return fn
+
+
+# bf16, head_dim 128, batch * seqlen = 16k; the eager reference materialises (b, h, s, s) fp32 scores, so the
+# registry sweep stops at 4k: benchmarks/bench_attention.py runs 512..16k against SDPA
+_FA_BENCH_SHAPES = [_fa_shape(16384 // s, s, 16, 16, 128) for s in (512, 1024, 2048, 4096)]
+for _name, _causal in (("flash_attention", True), ("flash_attention_noncausal", False)):
+    REGISTRY.append(OpSpec(
+        name=_name,
+        fn=_flash_attention(_causal),
+        reference=lambda q, k, v, _c=_causal: reference.attention(q, k, v, causal=_c),
+        make_inputs=_fa_inputs,
+        flops=_fa_flops(_causal),
+        bytes=_fa_bytes,
+        test_shapes=[_fa_shape(2, 17, 4, 1, 32), _fa_shape(1, 65, 2, 2, 64), _fa_shape(1, 1, 2, 1, 16)],
+        bench_shapes=_FA_BENCH_SHAPES,
+        grad_inputs=(0, 1, 2),
+        description=f"flash attention fwd/bwd ({'causal' if _causal else 'non-causal'}, GQA, flash-attn layout)",
+        config=_fa_config,
+    ))
+
 def get(name: str) -> OpSpec:
     for spec in REGISTRY:
         if spec.name == name:
