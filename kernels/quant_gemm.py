@@ -17,7 +17,7 @@ weights are never dequantised to memory and this is at least as accurate as ``x 
 Two paths, chosen by M (rows of x):
   * decode  (M <= 16): BLOCK_M = 16, split-K: SPLIT_K programs share each N tile so that enough programs
     stream the weight to fill every SM; each writes an fp32 partial to a workspace ``(SPLIT_K, M, N)``
-    that is summed afterwards (deterministic, no atomics).
+    that a small reduce kernel sums afterwards in a fixed order (deterministic, no atomics).
   * prefill (M > 16):  tiled GEMM with grouped tile ordering for L2 reuse, direct store.
 Both are autotuned on (M bucket, N, K, bits, group size), never on M itself. Decode loads each code on its
 own (PACK rows of a tile read the same int32 word, served by L1: the GPTQ-Triton split-K pattern, small
@@ -27,6 +27,7 @@ register tiles); prefill loads each word once, ``(BLOCK_K / PACK, BLOCK_N)``, an
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -132,6 +133,23 @@ def _quant_matmul_kernel(
         tl.store(ws, acc, mask=mask)
 
 
+@triton.jit
+def _split_k_reduce_kernel(
+    WS, Y,                                             # pointers: (split, M, N) fp32 partials, (M, N) output
+    M, N, split,
+    stride_ym, stride_yn,
+    BLOCK: tl.constexpr,
+):
+    """Y = sum over the first `split` partials, in a fixed order (deterministic), cast to Y's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # flat index into (M, N)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, split):
+        acc += tl.load(WS + s * M * N + offs, mask=mask, other=0.0)
+    m, n = offs // N, offs % N
+    tl.store(Y + m * stride_ym + n * stride_yn, acc.to(Y.dtype.element_ty), mask=mask)
+
+
 # ------------------------------------------------------------------------------------- autotune configs
 def _configs(decode: bool, max_block_k: int) -> list:
     """Autotune configs for one path; BLOCK_K <= max_block_k (it must divide the group size).
@@ -151,7 +169,7 @@ def _configs(decode: bool, max_block_k: int) -> list:
     if decode:
         for bn, bk, split, warps, stages in [(32, 128, 4, 4, 3), (64, 128, 2, 4, 3), (64, 128, 4, 4, 3),
                                              (64, 64, 8, 4, 4), (128, 64, 2, 4, 3), (32, 128, 8, 4, 3),
-                                             (128, 128, 1, 8, 3), (64, 256, 4, 8, 2)]:
+                                             (128, 128, 1, 8, 3), (64, 256, 4, 8, 2), (32, 128, 1, 4, 4)]:
             out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": min(bk, max_block_k), "GROUP_M": 1,
                                       "SPLIT_K": split, "COMPACT": False}, num_warps=warps, num_stages=stages))
     else:
@@ -166,8 +184,6 @@ def _configs(decode: bool, max_block_k: int) -> list:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -251,8 +267,9 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None,
     )
     split = kernel.best_config.kwargs["SPLIT_K"]
-    if split > 1:
-        y.copy_(ws[:split].sum(0))
+    if split > 1:  # one more small launch: M <= 16 rows of N outputs
+        BLOCK = 1024
+        _split_k_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](ws, y, M, N, split, y.stride(0), y.stride(1), BLOCK=BLOCK)
     return y
 
 
