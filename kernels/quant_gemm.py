@@ -128,7 +128,7 @@ def _quant_matmul_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty), mask=mask)
-    else:  # fp32 partial into the (SPLIT_K, M, N) workspace; summed by the launcher
+    else:  # fp32 partial into the (SPLIT_K, M, N) workspace, reduced by _split_k_reduce_kernel
         ws = WS + pid_k.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(ws, acc, mask=mask)
 

@@ -150,6 +150,15 @@ def test_paths_chosen_by_m(monkeypatch):
     assert real(True, 32).configs[0].kwargs["SPLIT_K"] > 1 or DEVICE == "cuda"  # the CPU test covers split-K
 
 
+@pytest.mark.parametrize("group", [16, -1])
+@pytest.mark.parametrize("M", [1, 20])
+def test_fewer_k_tiles_than_splits(group, M):
+    """K = 16: one K tile, so split-K programs past it have nothing to add and must contribute zeros."""
+    torch.manual_seed(0)
+    qw = quant.quantize_weight(torch.randn(40, 16), 4, group, sym=False).to(DEVICE)
+    _check(torch.randn(M, 16, device=DEVICE), qw)
+
+
 def test_empty_rows():
     qw = _fmt("rtn-4-32-sym").to(DEVICE)
     assert quant_matmul(torch.randn(0, qw.in_features, device=DEVICE), qw).shape == (0, N)
