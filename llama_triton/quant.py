@@ -29,6 +29,10 @@ zeros keep their group index, so they are not touched.
 AWQ checkpoints (AutoAWQ GEMM: ``qweight`` int32 (K, N/8) packed along N, nibble i of word c holding column
 ``8c + [0, 2, 4, 6, 1, 3, 5, 7][i]``; ``qzeros`` int32 (G, N/8) packed the same way; ``scales`` (G, N);
 ``W = (q - zero) * scale``) are unpacked and re-packed along K (4-bit only, as AWQ is).
+
+Symmetric int8 weight-only tensors (``weight`` int8 (N, K), per-channel ``scales``; ``import_int8``) become
+8-bit codes ``weight + 128`` with the midpoint zero. ``load_quantized_state_dict`` swaps a whole GPTQ/AWQ
+checkpoint's linears into a model.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from torch import nn
 
 SUPPORTED_BITS = (4, 8)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble i of an AWQ word holds column 8c + AWQ_ORDER[i]
-SOURCES = ("rtn", "gptq", "gptq_v2", "awq")
+SOURCES = ("rtn", "gptq", "gptq_v2", "awq", "int8")
 
 
 def _check_bits(bits) -> int:
@@ -117,7 +121,7 @@ class QuantizedWeight:
 
     Attributes: ``qweight`` int32 (K // PACK, N); ``scales`` (G, N); ``zeros`` (G, N) or None (symmetric);
     ``perm`` int32 (K,) or None (act-order); ``bits`` 4 or 8; ``group_size`` (K: per channel); ``source``
-    the layout it came from ("rtn", "gptq", "gptq_v2", "awq"); ``error``: reconstruction error of
+    the layout it came from ("rtn", "gptq", "gptq_v2", "awq", "int8"); ``error``: reconstruction error of
     ``quantize_weight`` ({"max_abs", "rel_fro"}) or None.
     """
 
@@ -340,6 +344,22 @@ def import_awq(qweight, qzeros, scales, bits: int = 4, group_size: int | None = 
     zeros = unpack_cols(qzeros, 4, AWQ_ORDER)                            # (G, N)
     return QuantizedWeight(qweight=pack_rows(q, 4), scales=scales.contiguous(), zeros=_finish_zeros(zeros, 4),
                            bits=4, group_size=group_size, source="awq")
+
+
+def import_int8(weight: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
+    """Symmetric int8 weight-only tensors (torchao / LLM.int8-style): ``weight`` int8 (N, K), ``scales``
+    (N,) or (N, 1) float, ``W = weight * scales`` -> an 8-bit per-channel QuantizedWeight (codes shifted by
+    the midpoint 128, packed along K)."""
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or weight.dim() != 2:
+        raise TypeError("weight must be a 2-D int8 tensor (out_features, in_features)")
+    N, K = weight.shape
+    if not isinstance(scales, torch.Tensor) or not scales.is_floating_point() or scales.numel() != N:
+        raise ValueError(f"scales must be a floating-point tensor with one value per output channel ({N})")
+    if K % 4:
+        raise ValueError(f"in_features K={K} must be a multiple of 4 for 8-bit packing")
+    codes = weight.to(torch.int64).t() + 128                           # (K, N) in [0, 255]
+    return QuantizedWeight(qweight=pack_rows(codes, 8), scales=scales.reshape(1, N).contiguous(), zeros=None,
+                           bits=8, group_size=K, source="int8")
 
 
 # ------------------------------------------------------------------------------------------ whole models

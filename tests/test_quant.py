@@ -211,6 +211,15 @@ def test_awq_import_dequantizes_exactly():
     assert torch.equal(quant.dequantize(qw, torch.float32), _expected_weight(q, z, s, torch.arange(K) // group))
 
 
+def test_int8_import_dequantizes_exactly_and_runs():
+    w8 = torch.randint(-128, 128, (40, 64), dtype=torch.int8)
+    s = torch.rand(40) * 0.01 + 0.001
+    qw = quant.import_int8(w8, s)
+    assert qw.bits == 8 and qw.group_size == 64 and qw.zeros is None and qw.source == "int8"
+    assert torch.equal(quant.dequantize(qw, torch.float32), w8.float() * s[:, None])
+    _check(torch.randn(3, 64, device=DEVICE), qw.to(DEVICE))
+
+
 def test_pack_helpers_round_trip():
     q = torch.randint(0, 16, (32, 24))
     assert torch.equal(quant.unpack_rows(quant.pack_rows(q, 4), 4), q)
