@@ -92,3 +92,36 @@ def test_bad_input():
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, ids, -1)
     assert torch.equal(generate(model, ids, 0), ids)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_and_graph_captured_decode_match_eager():
+    """The decode step has static shapes and no host sync: torch.compile and a CUDA graph give the eager tokens."""
+    from llama_triton.generate import DecodeStep
+
+    model = LlamaForCausalLM.random(LlamaConfig(num_hidden_layers=2), dtype=torch.float32, device="cuda")  # fp32: no argmax ties
+    ids = torch.randint(0, 256, (2, 9), device="cuda")
+    eager = model.generate(ids, max_new_tokens=12)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, compile=True), eager)
+
+    caches = model.make_caches(2, 32)
+    with torch.no_grad():
+        model(ids, caches=caches, fresh_cache=True)
+        step = DecodeStep(model, caches)
+        tok = eager[:, 9:10].clone()
+        pos = torch.full((2, 1), 9, dtype=torch.long, device="cuda")
+        step(tok, pos)                                            # warm-up (autotune) outside the capture
+        for c in caches:
+            c.seqlens.fill_(9)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step(tok, pos)
+        for c in caches:
+            c.seqlens.fill_(9)
+        got = []
+        for _ in range(11):
+            graph.replay()
+            tok.copy_(logits.argmax(-1, keepdim=True))
+            pos.add_(1)
+            got.append(tok.clone())
+    assert torch.equal(torch.cat(got, 1), eager[:, 10:])
