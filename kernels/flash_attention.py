@@ -36,8 +36,9 @@ def _interpreting() -> bool:
 
 
 # --------------------------------------------------------------------------------------- autotune configs
-def _smem_ok(block_d: int, blocks: int, stages: int, elt: int = 2, budget: int = 200 * 1024) -> bool:
-    return elt * block_d * blocks * max(stages, 1) <= budget
+def _smem_ok(block_d: int, resident: int, pipelined: int, stages: int, elt: int = 2, budget: int = 200 * 1024) -> bool:
+    """Rough shared-memory estimate: resident rows once, pipelined (loop-loaded) rows stages - 1 times."""
+    return elt * block_d * (resident + pipelined * max(stages - 1, 1)) <= budget
 
 
 def _fwd_configs():
@@ -45,16 +46,16 @@ def _fwd_configs():
     if _interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-               if not (bm == 64 and w == 8) and bn <= bm]
+               for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                                    (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2))]
     configs.append(triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1))  # always fits
     return configs
 
 
 def _fwd_prune(configs, named_args, **kwargs):
     d = {**named_args, **kwargs}["BLOCK_D"]
-    keep = [c for c in configs if _smem_ok(d, c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"], c.num_stages)
-            and (d < 256 or c.kwargs["BLOCK_N"] <= 64)]
+    keep = [c for c in configs if _smem_ok(d, c.kwargs["BLOCK_M"], 2 * c.kwargs["BLOCK_N"], c.num_stages)
+            and (d < 256 or c.kwargs["BLOCK_M"] <= 64)]       # the (BLOCK_M, 256) fp32 accumulator
     return keep or configs[-1:]
 
 
@@ -63,15 +64,16 @@ def _bwd_configs():
     if _interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn in ((32, 64), (32, 128), (64, 64), (64, 128), (128, 64)) for w in (4, 8) for s in (2, 3)]
+               for bm, bn, w, s in ((32, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 3), (64, 64, 4, 2), (64, 64, 8, 3),
+                                    (64, 128, 8, 2), (32, 64, 8, 2))]
     configs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1))  # always fits
     return configs
 
 
 def _bwd_prune(configs, named_args, **kwargs):
     d = {**named_args, **kwargs}["BLOCK_D"]
-    keep = [c for c in configs if _smem_ok(d, 2 * c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"], c.num_stages)
-            and (d < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+    keep = [c for c in configs if _smem_ok(d, 2 * c.kwargs["BLOCK_N"], 2 * c.kwargs["BLOCK_M"], c.num_stages)
+            and (d < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 64)]
     return keep or configs[-1:]
 
 
