@@ -37,8 +37,9 @@ class Progress:
         filled = int(width * done / max(self.total, 1))
         rate = done / max(time.perf_counter() - self.t0, 1e-9)
         end = "\n" if done >= self.total else ""
-        self.stream.write(f"{chr(13) if self.stream.isatty() else ''}  {self.label:8s} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                          f"{rate:6.2f}/s {extra}{end}")
+        start = "\r" if self.stream.isatty() else ""
+        bar = "#" * filled + "." * (width - filled)
+        self.stream.write(f"{start}  {self.label:8s} [{bar}] {done}/{self.total} {rate:6.2f}/s {extra}{end}")
         self.stream.flush()
 
 
@@ -49,11 +50,12 @@ def _impl(device) -> str:
     return "triton-interp" if device.type == "cpu" else "triton"
 
 
-def op_checks(config, device, dtype) -> list[tuple]:
+def op_checks(config, device, dtype, on_row=None) -> list[tuple]:
     """(op, implementation, shape, max abs err, bound, ok) for each op the model uses, on the model's shapes,
-    under the 2x rule against an fp64 oracle (llama_triton.testing.compare)."""
+    under the 2x rule against an fp64 oracle (llama_triton.testing.compare). on_row(row) as each finishes."""
     g = torch.Generator().manual_seed(0)
-    b, s, h, hkv, d, hid = 2, 16, config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
+    b, s, hid, d = 2, 16, config.hidden_size, config.head_dim
+    h, hkv = config.num_attention_heads, config.num_key_value_heads
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
@@ -67,6 +69,8 @@ def op_checks(config, device, dtype) -> list[tuple]:
         cs = [testing.compare(label, o, l, r) for o, l, r in zip(ours, low, hi)]
         worst = max(cs, key=lambda c: c.max_abs / c.bound)
         rows.append((label, _impl(device), shape, worst.max_abs, worst.bound, all(c.ok for c in cs)))
+        if on_row is not None:
+            on_row(rows[-1])
 
     x, w = rnd(b * s, hid), (1 + 0.1 * rnd(hid))
     check("rms_norm", f"({b * s}, {hid})", lambda x, w: rms_norm(x, w, 1e-5),
@@ -149,11 +153,14 @@ def run(prompt: str = "Once upon a time", max_new_tokens: int = 24, seed: int = 
     print("\nper-op parity vs llama_triton.reference (model shapes; fp64 oracle, 2x rule):", file=out)
     header = f"{'op':18s} {'runs':14s} {'shape':28s} {'max abs err':>12s} {'bound':>10s}  pass"
     print(header + "\n" + "-" * len(header), file=out)
-    rows = op_checks(config, device, dtype)
-    failures = 0
-    for label, impl, shape, err, bound, ok in rows:
-        failures += not ok
-        print(f"{label:18s} {impl:14s} {shape:28s} {err:12.3e} {bound:10.3e}  {'PASS' if ok else 'FAIL'}", file=out)
+
+    def show(row):
+        label, impl, shape, err, bound, ok = row
+        print(f"{label:18s} {impl:14s} {shape:28s} {err:12.3e} {bound:10.3e}  {'PASS' if ok else 'FAIL'}", file=out,
+              flush=True)
+
+    rows = op_checks(config, device, dtype, on_row=show)
+    failures = sum(not r[-1] for r in rows)
     if rows and rows[0][1] == "torch-reference":
         print("note: Triton cannot run here, so every op fell back to the PyTorch reference (see backend line)",
               file=out)

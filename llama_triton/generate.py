@@ -79,14 +79,16 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
         (b, L + max_new_tokens) int64: ``input_ids`` as given, followed by the new tokens.
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
-        raise TypeError(f"input_ids must be a (batch, seq) int64 tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        raise TypeError(f"input_ids must be a (batch, seq) int64 tensor, got {tuple(input_ids.shape)} "
+                        f"{input_ids.dtype}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     b, L = input_ids.shape
     device = input_ids.device
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"{tuple(input_ids.shape)}")
         ids, lengths = _right_align(input_ids, attention_mask.to(device))
     elif prompt_lengths is not None:
         ids, lengths = input_ids, torch.as_tensor(prompt_lengths, device=device).long()

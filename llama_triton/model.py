@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PRESETS, LlamaConfig  # noqa: F401  (re-exported: llama_triton.model.LlamaConfig)
+from .config import PRESETS, LlamaConfig
 from .layers import DecoderLayer, KVCache, RMSNorm, RotaryEmbedding
+
+__all__ = ["PRESETS", "CausalLMOutput", "LlamaConfig", "LlamaForCausalLM", "LlamaModel"]
 
 
 @dataclass

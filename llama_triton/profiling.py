@@ -84,7 +84,8 @@ def run(model, batch: int = 1, prompt_len: int = 128, decode_steps: int = 8, tra
             continue                                        # on a GPU count kernel (device) time only
         total["ours" if is_ours(e.key, ours_names) else "others"] += t
     all_t = max(total["ours"] + total["others"], 1e-9)
-    out(f"{'device' if cuda else 'cpu'} self time: ours {total['ours'] / 1e3:.2f} ms ({100 * total['ours'] / all_t:.0f}%), "
+    out(f"{'device' if cuda else 'cpu'} self time: ours {total['ours'] / 1e3:.2f} ms "
+        f"({100 * total['ours'] / all_t:.0f}%), "
         f"others {total['others'] / 1e3:.2f} ms; wall {wall * 1e3:.1f} ms for prefill {batch}x{prompt_len} + "
         f"{decode_steps} decode steps")
     out(f"Chrome trace written to {trace}")
