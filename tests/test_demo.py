@@ -77,3 +77,30 @@ def test_perplexity_scores_each_token_once():
         perplexity(model, ids, max_length=8, stride=9)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         perplexity(model, ids[:1])
+
+
+def test_byte_tokenizer_round_trip():
+    from llama_triton.tokenizer import ByteTokenizer, load_tokenizer
+
+    tok = load_tokenizer(None)
+    assert isinstance(tok, ByteTokenizer) and tok.vocab_size == LlamaConfig().vocab_size
+    ids = tok.encode("héllo")
+    assert ids[0] == tok.bos_token_id and all(0 <= i < 256 for i in ids[1:])
+    assert tok.decode(ids) == "héllo"
+    assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=False) == "<bos>héllo<eos>"
+
+
+def test_hf_tokenizer_loaded_from_model_dir(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from llama_triton.tokenizer import HFTokenizer, load_tokenizer
+
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2, "</s>": 3}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="[UNK]").save_pretrained(
+        tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, HFTokenizer) and tok.eos_token_id == 3 and tok.pad_token_id == 3
+    assert tok.encode("hello world", add_bos=False) == [1, 2]
+    assert tok.decode([1, 2, 3]) == "hello world"
