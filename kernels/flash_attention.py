@@ -183,6 +183,8 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
         v_ptrs = V + base * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd   # (N, D)
         if MASKED:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None] & (cols[None, :] < k_len), other=0.0)
+        elif BLOCK_D == HEAD_DIM:                                                         # no mask at all
+            kt = tl.load(kt_ptrs)
         else:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
         qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                         # (M, N), log2 units
@@ -199,6 +201,8 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < k_len) & d_ok[None, :], other=0.0)
+        elif BLOCK_D == HEAD_DIM:
+            v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -409,14 +413,18 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, 
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         base = tl.cast(start_n, tl.int64)
+        k_ptrs = K + base * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd   # (N, D)
+        v_ptrs = V + base * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
         if MASKED:
             tile_ok = (cols[:, None] < k_len) & d_ok[None, :]
+            k = tl.load(k_ptrs, mask=tile_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=tile_ok, other=0.0)
+        elif BLOCK_D == HEAD_DIM:                                                         # no mask at all
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         else:
-            tile_ok = d_ok[None, :]
-        k = tl.load(K + base * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=tile_ok, other=0.0)                                               # (N, D)
-        v = tl.load(V + base * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=tile_ok, other=0.0)
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale                  # (M, N)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
