@@ -136,8 +136,10 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(hidden)                                                    # (b, s, vocab)
         loss = None
         if labels is not None:
-            shift = F.pad(labels, (0, 1), value=-100)[:, 1:]                             # (b, s)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100)
+            from .ops.cross_entropy import cross_entropy
+
+            shift = F.pad(labels, (0, 1), value=-100)[:, 1:]                             # (b, s) next tokens
+            loss = cross_entropy(logits, shift[:, -logits.shape[1]:], ignore_index=-100)  # fp32, Triton kernel
         return CausalLMOutput(logits, loss)
 
     def make_caches(self, batch: int, max_seqlen: int, dtype=None, device=None) -> list:
