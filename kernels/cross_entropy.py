@@ -12,7 +12,9 @@ the NaN is the backstop where that check is skipped (under torch.compile), never
 Fused linear cross-entropy (``fused_linear_cross_entropy``): tokens in chunks of ``C`` rows; per chunk
 ``logits = h @ W.T`` (cuBLAS, input dtype, fp32 accumulation), the kernel turns them into ``dlogits`` in
 place, then ``dh = dlogits @ W`` and ``dW += dlogits.T @ h``. Peak extra memory: one ``(C, V)`` chunk
-plus the gradients; ``C`` is chosen so the chunk is about the size of ``hidden``.
+plus the gradients; ``C`` is chosen so the chunk is about the size of ``hidden``. ``dW`` sums over chunks:
+in an fp32 buffer by default (as accurate as the unfused reference; +2 bytes x V x H), or in the weight's
+dtype on request (Liger's low-memory default; each chunk's partial sum is rounded to bf16/fp16).
 """
 from __future__ import annotations
 
@@ -179,20 +181,47 @@ def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
     return max(1, triton.next_power_of_2(triton.cdiv(n_tokens, triton.cdiv(vocab, hidden))))
 
 
+_ADDMM_OUT_DTYPE: dict = {}
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for half-precision a, b, accumulating in fp32 without rounding the product to
+    the half dtype: cuBLAS's mixed-precision GEMM via ``torch.addmm(..., out_dtype=torch.float32)`` where
+    this torch build has it for the device (feature-detected once per device type); otherwise an fp32
+    matmul on the CPU, or on CUDA the product in the input dtype added in fp32 (rounds each chunk's product
+    once; a (V, H) temporary)."""
+    dev = acc.device.type
+    if _ADDMM_OUT_DTYPE.get(dev, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_OUT_DTYPE[dev] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE[dev] = False
+    if dev == "cpu":
+        acc.addmm_(a.float(), b.float())
+    else:
+        acc.add_(torch.mm(a, b))
+
+
 def fused_linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, grad_hidden, grad_weight,
-                               row_scale=None, chunk_size=None):
+                               row_scale=None, chunk_size=None, accum_dtype=None):
     """hidden (N, H), weight (V, H), labels (N,) -> (loss, dhidden or None, dweight or None).
 
     The gradients are those of ``reduction`` (mean: / non-ignored count), each row further multiplied by
-    ``row_scale`` (N,) when given (the backward of reduction="none"). ``dweight`` accumulates over token
-    chunks in the weight's dtype (fp32 accumulation inside each chunk's matmul).
+    ``row_scale`` (N,) when given (the backward of reduction="none"). ``dweight`` is a sum over token
+    chunks, accumulated in ``accum_dtype``: fp32 by default (a (V, H) fp32 buffer, cast to the weight's
+    dtype at the end), or the weight's own dtype (``accum_dtype=weight.dtype``: Liger's low-memory mode,
+    each chunk's partial sum rounded to the half dtype; less accurate than the unfused reference).
     """
     N, H = hidden.shape
     V = weight.shape[0]
     losses = torch.empty((N,), dtype=torch.float32, device=hidden.device)
     compute_grad = grad_hidden or grad_weight
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else None
-    dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if grad_weight else None
+    accum_dtype = accum_dtype or torch.promote_types(weight.dtype, torch.float32)
+    dw = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) if grad_weight else None
+    fp32_acc = grad_weight and accum_dtype != weight.dtype
     scale = None
     if compute_grad:
         if reduction == "mean":
@@ -210,6 +239,10 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, 
                                                dlogits=logits if compute_grad else None)[0]
         if grad_hidden:
             torch.mm(logits, weight, out=dh[start:end])                        # (C, H)
-        if grad_weight:
-            dw.addmm_(logits.t(), h)                                           # (V, H)
+        if fp32_acc:
+            _addmm_fp32_(dw, logits.t(), h)                                    # (V, H) fp32
+        elif grad_weight:
+            dw.addmm_(logits.t(), h)                                           # (V, H) in the weight's dtype
+    if fp32_acc:
+        dw = dw.to(weight.dtype)
     return reduce_losses(losses, labels, ignore_index, reduction), dh, dw

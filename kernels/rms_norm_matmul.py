@@ -3,14 +3,18 @@
 Since ``rms_norm(x)[m, k] = rstd[m] * x[m, k] * w[k]``, the product is
     y[m, n] = rstd[m] * sum_k x[m, k] * (w[k] * W[n, k])
 so the GEMM's K loop reads x once, accumulates ``sum_k x**2`` (fp32) next to the dot product, and the
-epilogue scales each output row by ``rstd = 1 / sqrt(mean(x**2) + eps)``. The norm weight is folded into
-the B operand as each tile is loaded (``w[k] * W[n, k]`` in fp32, rounded to the input dtype), or
-pre-folded into ``weight`` once for inference (``norm_weight=None``: see ``fold_norm_weight``).
+epilogue scales each output row by ``rstd = 1 / sqrt(mean(x**2) + eps)``. The diagonal ``diag(w)`` is
+folded into the product as each tile is loaded: on the A side (``x[m, k] * w[k]`` in fp32, rounded to the
+input dtype), because the x tile already passes through registers for the sum of squares while the W tile
+can then go straight from shared memory to the tensor cores (Hopper's wgmma reads B from shared memory
+only; scaling B in registers would cost a round trip per tile). Mathematically it is the same as folding
+w into B. For inference it can instead be pre-folded into ``weight`` once (``norm_weight=None``: see
+``fold_norm_weight``), which skips even that multiply.
 With a residual, ``s = residual + x`` (rounded to x's dtype, as HF) is normalised and written out by the
 programs of the first column block.
 
 Numerics differ from HF's unfused ``(x * rstd).to(dtype) * w`` then matmul by where the roundings fall
-(here: ``w * W`` rounded, the rstd applied in fp32 to the fp32 accumulator); the tests hold it to the 2x
+(here: ``x * w`` rounded, the rstd applied in fp32 to the fp32 accumulator); the tests hold it to the 2x
 rule against the fp64 oracle of the unfused reference.
 
 Layout: x ``(M, K)`` and residual with a contiguous last dim (rows strided), weight ``(N, K)`` any
@@ -38,7 +42,8 @@ def _configs():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     cfg = lambda m, n, k, w, s: triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},  # noqa: E731
                                               num_warps=w, num_stages=s)
-    decode = [cfg(16, n, k, 4, s) for n in (64, 128) for k in (128, 256) for s in (3, 5)]
+    decode = [cfg(16, 64, 128, 4, 4), cfg(16, 64, 256, 4, 3), cfg(16, 128, 128, 4, 4), cfg(16, 128, 64, 4, 5),
+              cfg(16, 32, 256, 4, 3)]
     prefill = [cfg(128, 128, 64, 8, 3), cfg(128, 256, 64, 8, 3), cfg(256, 128, 64, 8, 3), cfg(64, 256, 32, 4, 4),
                cfg(128, 128, 32, 4, 4), cfg(128, 64, 32, 4, 4), cfg(64, 128, 32, 4, 4), cfg(64, 64, 64, 4, 4)]
     return decode + prefill
@@ -104,11 +109,11 @@ def _rms_norm_matmul_kernel(
                 tl.store(RES_OUT + rm64[:, None] * stride_resm + k[None, :], x, mask=xm)
         xf = x.to(tl.float32)
         sumsq += tl.sum(xf * xf, axis=1)
+        if HAS_NORM_WEIGHT:  # diag(w) applied on the A side: x is in registers already (for sumsq)
+            nw = tl.load(NW + k, mask=k_mask, other=0.0).to(tl.float32)
+            x = (xf * nw[None, :]).to(X.dtype.element_ty)
         b = tl.load(W + rn64[None, :] * stride_wn + k[:, None].to(tl.int64) * stride_wk,
                     mask=n_mask[None, :] & k_mask[:, None], other=0.0)                        # (BK, BN)
-        if HAS_NORM_WEIGHT:
-            nw = tl.load(NW + k, mask=k_mask, other=0.0).to(tl.float32)
-            b = (b.to(tl.float32) * nw[:, None]).to(W.dtype.element_ty)                      # fold w into B
         acc = tl.dot(x, b, acc, input_precision=DOT_PRECISION)
     rstd = 1.0 / tl.sqrt(sumsq / K + eps)
     y = acc * rstd[:, None]

@@ -6,6 +6,8 @@ gradients (``torch.no_grad()`` or inputs without ``requires_grad``) skips that w
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -91,15 +93,17 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100, redu
 # --------------------------------------------------------------------------------- fused linear + CE
 @torch.library.custom_op("llama_triton::fused_linear_cross_entropy_fwd", mutates_args=())
 def _flce_fwd(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, reduction: str,
-              grad_hidden: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+              grad_hidden: bool, grad_weight: bool, accum_dtype: Optional[torch.dtype] = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
     in_fwd = reduction != "none"   # "none" needs the per-token upstream gradient: the backward recomputes
     loss, dh, dw = K.fused_linear_cross_entropy(hidden, weight, labels, ignore_index, reduction,
-                                                grad_hidden and in_fwd, grad_weight and in_fwd)
+                                                grad_hidden and in_fwd, grad_weight and in_fwd,
+                                                accum_dtype=accum_dtype)
     return loss, dh if dh is not None else _empty(hidden), dw if dw is not None else _empty(weight)
 
 
 @_flce_fwd.register_fake
-def _(hidden, weight, labels, ignore_index, reduction, grad_hidden, grad_weight):
+def _(hidden, weight, labels, ignore_index, reduction, grad_hidden, grad_weight, accum_dtype=None):
     in_fwd = reduction != "none"
     dh = hidden.new_empty(hidden.shape) if grad_hidden and in_fwd else _empty(hidden)
     dw = weight.new_empty(weight.shape) if grad_weight and in_fwd else _empty(weight)
@@ -108,15 +112,16 @@ def _(hidden, weight, labels, ignore_index, reduction, grad_hidden, grad_weight)
 
 @torch.library.custom_op("llama_triton::fused_linear_cross_entropy_bwd", mutates_args=())
 def _flce_bwd(hidden: Tensor, weight: Tensor, labels: Tensor, row_scale: Tensor, ignore_index: int,
-              grad_hidden: bool, grad_weight: bool) -> tuple[Tensor, Tensor]:
+              grad_hidden: bool, grad_weight: bool, accum_dtype: Optional[torch.dtype] = None
+              ) -> tuple[Tensor, Tensor]:
     """Recompute-based backward for reduction="none": per-token incoming gradients scale each row."""
     _, dh, dw = K.fused_linear_cross_entropy(hidden, weight, labels, ignore_index, "sum", grad_hidden, grad_weight,
-                                             row_scale=row_scale)
+                                             row_scale=row_scale, accum_dtype=accum_dtype)
     return dh if dh is not None else _empty(hidden), dw if dw is not None else _empty(weight)
 
 
 @_flce_bwd.register_fake
-def _(hidden, weight, labels, row_scale, ignore_index, grad_hidden, grad_weight):
+def _(hidden, weight, labels, row_scale, ignore_index, grad_hidden, grad_weight, accum_dtype=None):
     dh = hidden.new_empty(hidden.shape) if grad_hidden else _empty(hidden)
     dw = weight.new_empty(weight.shape) if grad_weight else _empty(weight)
     return dh, dw
@@ -141,8 +146,8 @@ def _scale(grad: Tensor, dloss: Tensor) -> Tensor:
 
 
 def _flce_setup(ctx, inputs, output):
-    hidden, weight, labels, ignore_index, reduction, gh, gw = inputs
-    ctx.reduction, ctx.ignore_index, ctx.flags = reduction, ignore_index, (gh, gw)
+    hidden, weight, labels, ignore_index, reduction, gh, gw, accum_dtype = inputs
+    ctx.reduction, ctx.ignore_index, ctx.flags, ctx.accum_dtype = reduction, ignore_index, (gh, gw), accum_dtype
     if reduction == "none":            # gradients need the per-token upstream gradient: recompute then
         ctx.save_for_backward(hidden, weight, labels)
     else:
@@ -153,19 +158,19 @@ def _flce_backward(ctx, dloss, _ddh, _ddw):
     gh, gw = ctx.flags
     if ctx.reduction == "none":
         hidden, weight, labels = ctx.saved_tensors
-        dh, dw = _flce_bwd(hidden, weight, labels, dloss, ctx.ignore_index, gh, gw)
+        dh, dw = _flce_bwd(hidden, weight, labels, dloss, ctx.ignore_index, gh, gw, ctx.accum_dtype)
     else:
         dh, dw = ctx.saved_tensors
         dh = _scale(dh, dloss) if gh else None
         dw = _scale(dw, dloss) if gw else None
-    return (dh if gh else None), (dw if gw else None), None, None, None, None, None
+    return (dh if gh else None), (dw if gw else None), None, None, None, None, None, None
 
 
 _flce_fwd.register_autograd(_flce_backward, setup_context=_flce_setup)
 
 
 def fused_linear_cross_entropy(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, ignore_index: int = -100,
-                               reduction: str = "mean") -> Tensor:
+                               reduction: str = "mean", accum_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``cross_entropy(hidden @ lm_head_weight.T, labels)`` without materialising the ``(tokens, vocab)``
     logits: tokens are processed in chunks (one ``(chunk, vocab)`` buffer at a time) and the gradients of
     hidden and of the weight are computed in the forward (Liger-Kernel's FLCE).
@@ -175,13 +180,20 @@ def fused_linear_cross_entropy(hidden: Tensor, lm_head_weight: Tensor, labels: T
         lm_head_weight: ``(V, H)``, same dtype (e.g. ``model.lm_head.weight``, or the tied embedding).
         labels: ``(...)`` int64/int32 in ``[0, V)`` or ``ignore_index`` (host check as in cross_entropy).
         ignore_index, reduction: as in ``cross_entropy`` (all ignored -> 0 for "mean").
+        accum_dtype: dtype in which the weight gradient is summed over token chunks. None (default): fp32
+            (a (V, H) fp32 buffer, cast to the weight's dtype at the end; as accurate as the unfused
+            reference). ``lm_head_weight.dtype``: Liger's low-memory mode (no fp32 buffer; each chunk's
+            partial sum is rounded to bf16/fp16, so the weight gradient carries ~one rounding per chunk).
 
     Returns:
         the fp32 loss. Differentiable in hidden and lm_head_weight. Memory: the gradients are computed
-        (and held) by the forward; ``grad_weight`` accumulates over chunks in the weight's dtype. With
-        reduction="none" the forward computes only the loss and the backward recomputes the chunks.
+        (and held) by the forward. With reduction="none" the forward computes only the loss and the
+        backward recomputes the chunks.
     """
     K.check_flce_inputs(hidden, lm_head_weight, labels, ignore_index, reduction)
+    if accum_dtype is not None and accum_dtype not in (torch.float32, lm_head_weight.dtype):
+        raise ValueError(f"accum_dtype must be None, torch.float32 or lm_head_weight's dtype "
+                         f"({lm_head_weight.dtype}), got {accum_dtype}")
     if _host_checks_enabled():
         K.check_labels(labels, lm_head_weight.shape[0], ignore_index)
     if not backend.use_triton(hidden):
@@ -189,5 +201,5 @@ def fused_linear_cross_entropy(hidden: Tensor, lm_head_weight: Tensor, labels: T
     grad = torch.is_grad_enabled()
     gh, gw = grad and hidden.requires_grad, grad and lm_head_weight.requires_grad
     loss, _, _ = _flce_fwd(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, labels.reshape(-1), ignore_index,
-                           reduction, gh, gw)
+                           reduction, gh, gw, accum_dtype)
     return loss.view(labels.shape) if reduction == "none" else loss

@@ -76,9 +76,10 @@ def rms_norm_matmul(x: Tensor, norm_weight: Optional[Tensor], weight: Tensor, ep
 
     Args:
         x: ``(..., K)`` fp32/fp16/bf16, any leading shape.
-        norm_weight: ``(K,)`` the RMSNorm weight (any float dtype), folded into the GEMM's B operand as
-            tiles are loaded; or None when it was pre-folded into ``weight`` once
-            (``weight = fold_norm_weight(norm_weight, weight)``, the inference variant).
+        norm_weight: ``(K,)`` the RMSNorm weight (any float dtype), folded into the product inside the K
+            loop (applied to the x tiles, which pass through registers for the sum of squares anyway); or
+            None when it was pre-folded into ``weight`` once (``weight = fold_norm_weight(norm_weight,
+            weight)``, the inference variant).
         weight: ``(N, K)`` the linear weight(s), x's dtype (concatenate q/k/v or gate/up for one GEMM).
         eps: RMSNorm epsilon.
         residual: optional ``(..., K)`` added to x first (in x's dtype, as HF's residual stream).
