@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kernels.decode_attention import MAX_Q_LEN as DECODE_MAX_Q_LEN
 from .ops.decode_attention import decode_attention
 from .ops.flash_attention import flash_attention
 
@@ -27,9 +28,38 @@ def causal_attention(q, k, v, softmax_scale=None, sliding_window=None):
 
 def cached_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, sliding_window=None):
     """q (b, q_len, h, d) over k/v_cache (b, max_seqlen, h_kv, d) holding cache_seqlens int32 (b,) valid
-    entries (the new tokens' keys included) -> (b, q_len, h, d)."""
-    return decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale,
-                            window_size=window_size(sliding_window))
+    entries (the new tokens' keys included, the last q_len of each row) -> (b, q_len, h, d).
+
+    q_len <= 16 (decoding): decode_attention, no host sync. A longer chunk appended to a non-empty cache
+    (chunked prefill, a prompt continued): flash_attention over each row's cache prefix, bottom-right causal
+    (one small host sync for the lengths; never inside a captured decode step)."""
+    if q.shape[1] <= DECODE_MAX_Q_LEN:
+        return decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale,
+                                window_size=window_size(sliding_window))
+    return _prefix_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_window)
+
+
+def _prefix_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, sliding_window):
+    """cached_attention for q_len > 16: flash_attention of q (b, s, h, d) over k/v_cache[i, :cache_seqlens[i]]
+    (a slice when every row holds the same length, else varlen over the gathered valid entries)."""
+    b, s, h, d = q.shape
+    m, h_kv = k_cache.shape[1], k_cache.shape[2]
+    lo, hi = (int(t) for t in cache_seqlens.aminmax())
+    if lo < 0 or hi > m:
+        raise ValueError(f"cache_seqlens must be in [0, max_seqlen={m}], got values in [{lo}, {hi}]")
+    win = window_size(sliding_window)
+    if lo == hi:                                        # every row the same length: strided views, no copy
+        return flash_attention(q, k_cache[:, :hi], v_cache[:, :hi], causal=True, softmax_scale=softmax_scale,
+                               window_size=win)
+    lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
+    valid = torch.arange(m, device=q.device)[None] < lens[:, None]                      # (b, m)
+    idx = valid.reshape(-1).nonzero().squeeze(1)                                        # (total_k,)
+    cu_k = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_q = torch.arange(0, (b + 1) * s, s, device=q.device, dtype=torch.int32)
+    out = flash_attention(q.reshape(b * s, h, d), k_cache.reshape(b * m, h_kv, d)[idx],
+                          v_cache.reshape(b * m, h_kv, d)[idx], causal=True, softmax_scale=softmax_scale,
+                          window_size=win, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=s, max_seqlen_k=hi)
+    return out.view(b, s, h, d)
 
 
 def _masked_dense(q, k, v, mask, scale):
