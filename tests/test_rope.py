@@ -10,6 +10,12 @@ from llama_triton.ops import rope as rope_ops
 from llama_triton.ops.rope import apply_rotary_pos_emb
 
 
+@pytest.fixture(autouse=True)
+def _deterministic_inputs():
+    """Every test draws its random inputs from the same seed, whatever ran before it."""
+    torch.manual_seed(0)
+
+
 def _tables(b, s, d, dtype, theta=10000.0, positions=None):
     pos = torch.arange(s, device=DEVICE)[None].expand(b, s) if positions is None else positions
     inv = 1.0 / theta ** (torch.arange(0, d, 2, device=DEVICE, dtype=torch.float32) / d)
