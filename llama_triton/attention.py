@@ -16,9 +16,12 @@ from .ops.decode_attention import decode_attention
 from .ops.flash_attention import flash_attention
 
 
-def window_size(sliding_window: int | None) -> tuple[int, int]:
-    """HF sliding_window W (a query sees itself and the W - 1 keys before it) -> flash-attn (left, right)."""
-    return (int(sliding_window) - 1, 0) if sliding_window else (-1, -1)
+def window_size(sliding_window: int | None, causal: bool = True) -> tuple[int, int]:
+    """HF sliding_window W (a query sees itself and the W - 1 keys before it) -> flash-attn (left, right);
+    non-causal: W - 1 on both sides, as transformers' flash-attention path."""
+    if not sliding_window:
+        return (-1, -1)
+    return (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
 
 
 def causal_attention(q, k, v, softmax_scale=None, sliding_window=None):
@@ -83,16 +86,21 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
     padding: plain causal) or a 2D bool (b, n) padding mask over the n seen + new tokens, n <= sk (n < sk with
     a StaticCache). With padding, q/k/v are unpadded and run as varlen flash attention, causal bottom-right
     per sequence. A 4D mask (someone else's, e.g. a custom one) runs a plain-torch masked attention.
+    ``is_causal`` (kwarg, else ``module.is_causal``, else True) and ``sliding_window`` (kwarg, else
+    ``module.sliding_window``) as transformers' flash-attention function reads them.
     """
     if dropout and getattr(module, "training", False):
         raise NotImplementedError("llama_triton attention does not implement attention dropout; set "
                                   "config.attention_dropout = 0")
     if sliding_window is None:
         sliding_window = getattr(module, "sliding_window", None)
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+    win = window_size(sliding_window, causal)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (b, s, h, d) views
     b, sq, h, d = q.shape
     if attention_mask is None:
-        return causal_attention(q, k, v, scaling, sliding_window), None
+        return flash_attention(q, k, v, causal=causal, softmax_scale=scaling, window_size=win), None
     if attention_mask.dim() == 4:
         return _masked_dense(q, k, v, attention_mask, scaling if scaling is not None else d ** -0.5), None
     if attention_mask.dim() != 2:
@@ -111,7 +119,7 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
     cu_q = F.pad(lens_q.cumsum(0, dtype=torch.int32), (1, 0))
     out = flash_attention(
         q.reshape(b * sq, h, d)[idx_q], k.reshape(b * n, -1, d)[idx_k], v.reshape(b * n, -1, d)[idx_k],
-        causal=True, softmax_scale=scaling, window_size=window_size(sliding_window), cu_seqlens_q=cu_q,
+        causal=causal, softmax_scale=scaling, window_size=win, cu_seqlens_q=cu_q,
         cu_seqlens_k=cu_k, max_seqlen_q=int(lens_q.max()), max_seqlen_k=int(lens_k.max()))
     full = q.new_zeros(b * sq, h, d)
     full[idx_q] = out

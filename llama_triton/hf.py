@@ -156,6 +156,8 @@ def unpatch(model: nn.Module) -> int:
     for path, module in originals.items():
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
-    model.set_attn_implementation(getattr(model, _OLD_ATTN) or "eager")
+    model.set_attn_implementation(getattr(model, _OLD_ATTN, None) or "eager")
     delattr(model, _ORIGINALS)
+    if hasattr(model, _OLD_ATTN):
+        delattr(model, _OLD_ATTN)
     return len(originals)

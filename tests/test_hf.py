@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _hf_tiny import hf_model, rel_err, transformers
-from llama_triton import hf, layers
+from llama_triton import hf, layers, reference
 from llama_triton.attention import hf_attention_forward
 
 
@@ -15,6 +15,7 @@ from llama_triton.attention import hf_attention_forward
 def test_patched_model_matches_stock(name):
     stock = hf_model(name, num_hidden_layers=1)
     patched = copy.deepcopy(stock)
+    before = dict(patched.named_modules())
     report = hf.patch(patched)
     assert report.attn_implementation == "llama_triton"
     n_layers = stock.config.num_hidden_layers
@@ -36,9 +37,11 @@ def test_patched_model_matches_stock(name):
         assert torch.equal(patched.generate(ids, max_new_tokens=6, cache_implementation="static", **kw),
                            stock.generate(ids, max_new_tokens=6, **kw))
     assert hf.unpatch(patched) == len(report.swapped)
-    assert type(patched.model.layers[0].self_attn).__name__.endswith("Attention")
-    assert not isinstance(patched.model.layers[0].self_attn, layers.Attention)
+    after = dict(patched.named_modules())                  # the very same module objects, nothing extra
+    assert after.keys() == before.keys() and all(after[n] is m for n, m in before.items())
     assert patched.config._attn_implementation == stock.config._attn_implementation
+    assert not [a for a in vars(patched) if a.startswith("_llama_triton")]
+    hf.patch(patched)                                      # patchable again
 
 
 def test_patch_shares_weights_and_rejects_double_patch():
@@ -82,6 +85,22 @@ def test_attention_function_masks_and_errors():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention_mask"):
         hf_attention_forward(module, q, k, v, torch.ones(2, 1, 7), scaling=0.25)
+    # is_causal=False (HF kwarg, else module.is_causal), with and without a padding mask, and a window
+    ref = reference.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=False, softmax_scale=0.25)
+    out, _ = hf_attention_forward(module, q, k, v, None, scaling=0.25, is_causal=False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    module.is_causal = False
+    pad = torch.ones(2, 7, dtype=torch.bool)
+    pad[1, :2] = False
+    out, _ = hf_attention_forward(module, q, k, v, pad, scaling=0.25)
+    ref1 = reference.attention(*(t[1:].transpose(1, 2) for t in (q, k[:, :, 2:], v[:, :, 2:])), causal=False,
+                               softmax_scale=0.25)
+    torch.testing.assert_close(out[:1], ref[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1:], ref1, rtol=1e-5, atol=1e-5)
+    out, _ = hf_attention_forward(module, q, k, v, None, scaling=0.25, sliding_window=2)
+    ref = reference.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=False, softmax_scale=0.25,
+                              window_size=(1, 1))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     module.train()
     with pytest.raises(NotImplementedError, match="dropout"):
         hf_attention_forward(module, q, k, v, None, scaling=0.25, dropout=0.1)
