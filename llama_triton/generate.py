@@ -24,7 +24,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, -1)
-        drop = probs.cumsum(-1) - probs > top_p              # keep the smallest prefix with mass > top_p
+        drop = probs.cumsum(-1) - probs >= top_p             # keep the smallest prefix with mass >= top_p (HF)
+        drop[:, 0] = False                                   # and always the most likely token
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, -1)

@@ -85,3 +85,23 @@ def test_missing_files(tmp_path):
     next(tmp_path.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="shard files that do not exist"):
         LlamaForCausalLM.from_pretrained(tmp_path)
+
+
+def test_lm_head_may_be_absent_only_when_tied(tmp_path):
+    untied = _tiny()
+    untied.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" in sd
+    sd.pop("lm_head.weight")
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing \(1\): lm_head.weight"):
+        LlamaForCausalLM.from_pretrained(tmp_path)
+    tied = _tiny(tie_word_embeddings=True)
+    tied.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in sd                          # the shared tensor is written once
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()   # some exports write it anyway: accepted
+    save_file(sd, tmp_path / "model.safetensors")
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, tied.model.embed_tokens.weight)

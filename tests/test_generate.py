@@ -51,6 +51,10 @@ def test_eos_pads_finished_rows_and_stops(pair):
     out = ours.generate(ids, max_new_tokens=6, eos_token_id=[eos, 95], pad_token_id=-1)
     row0 = out[0, 4:].tolist()
     assert row0[1] == eos and all(t == -1 for t in row0[2:])
+    for r in range(2):                     # each row: the free tokens up to its own first eos, then padding
+        free_r = free[r, 4:].tolist()
+        stop = next((i for i, t in enumerate(free_r) if t in (eos, 95)), len(free_r) - 1)
+        assert out[r, 4:].tolist() == free_r[:stop + 1] + [-1] * (len(free_r) - stop - 1)
     seen = []
     ours.generate(ids, max_new_tokens=5, streamer=lambda tok: seen.append(tok.clone()))
     assert len(seen) == 5 and all(t.shape == (2,) for t in seen)
@@ -75,6 +79,11 @@ def test_sample_distribution_respects_top_k_and_top_p():
     assert abs((k2 == 0).float().mean().item() - 0.5 / 0.8) < 0.03
     p = sample(logits, 1.0, top_p=0.7, generator=g)               # smallest prefix with mass > 0.7: {0, 1}
     assert set(p.tolist()) == {0, 1}
+    # HF's boundary (TopPLogitsWarper): a prefix whose mass reaches top_p exactly is enough
+    dyadic = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]])).expand(2000, 4)
+    assert set(sample(dyadic, 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample(dyadic, 1.0, top_p=0.75, generator=g).tolist()) == {0, 1}
+    assert set(sample(dyadic, 1.0, top_p=0.0, generator=g).tolist()) == {0}
     full = sample(logits, 1.0, generator=g)
     assert abs((full == 3).float().mean().item() - 0.05) < 0.02
     assert torch.equal(sample(logits[:2], 0.0), torch.zeros(2, dtype=torch.long))
