@@ -26,8 +26,16 @@ def test_20_greedy_tokens_identical_to_transformers(pair):
     assert torch.equal(out, ref)
 
 
-def test_left_padded_batch_matches_transformers_and_single_prompts(pair):
-    hf, ours = pair
+@pytest.fixture(scope="module")
+def mistral_pair(tmp_path_factory):
+    hf = hf_model("mistral_window", num_hidden_layers=1)            # sliding window 5 < the prompts
+    path = tmp_path_factory.mktemp("gen_mistral")
+    hf.save_pretrained(path)
+    return hf, LlamaForCausalLM.from_pretrained(path)
+
+
+def test_left_padded_batch_matches_transformers_and_single_prompts(mistral_pair):
+    hf, ours = mistral_pair
     g = torch.Generator().manual_seed(1)
     long, short = torch.randint(0, 96, (1, 8), generator=g), torch.randint(0, 96, (1, 5), generator=g)
     ids = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])   # left padding

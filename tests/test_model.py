@@ -90,6 +90,26 @@ def test_from_hf_config_reads_old_style_rope_scaling(tmp_path):
     assert cfg.num_key_value_heads == 4 and cfg.head_dim == 16
 
 
+def test_old_style_llama3_rope_scaling_gives_transformers_tables(tmp_path):
+    """A LLaMA-3.1 style config.json (rope_theta + rope_scaling {rope_type: llama3, ...}): the same inv_freq and
+    (cos, sin) as transformers builds from that file."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    d = {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+         "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 128,
+         "rope_theta": 500000.0, "rope_scaling": scaling}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    cfg = LlamaConfig.from_hf_config(tmp_path)
+    assert cfg.rope_parameters == {**scaling, "rope_theta": 500000.0}
+    hf_rope = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(
+        transformers.AutoConfig.from_pretrained(tmp_path))
+    ours = LlamaForCausalLM(cfg).model.rotary_emb
+    assert torch.equal(ours.inv_freq, hf_rope.inv_freq)
+    x, pos = torch.zeros(1, 1), torch.arange(0, 120, 7)[None]
+    for a, b in zip(ours(x, pos), hf_rope(x, pos)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_attention_heads=4, num_key_value_heads=3), "multiple of num_key_value_heads"),
     (dict(hidden_size=0), "hidden_size"),
