@@ -3,7 +3,7 @@ sampling (top-k / top-p / temperature), eos handling, streaming, bad input."""
 import pytest
 import torch
 
-from _hf_tiny import hf_model
+from _hf_tiny import hf_model, rel_err
 from llama_triton.generate import generate, sample
 from llama_triton.model import LlamaConfig, LlamaForCausalLM
 
@@ -109,6 +109,30 @@ def test_bad_input():
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, ids, -1)
     assert torch.equal(generate(model, ids, 0), ids)
+
+
+def test_decode_step_traces_as_one_graph_without_recompiles():
+    """CPU stand-in for CUDA-graph capture: the decode step compiles with fullgraph=True (no host sync, no
+    data-dependent Python branch) and advancing positions / cache lengths never recompiles."""
+    from llama_triton.generate import DecodeStep
+
+    torch._dynamo.reset()
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1)).init_weights(seed=0)
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(5))
+    caches = model.make_caches(2, 12)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        model(ids, caches=caches, fresh_cache=True)
+        fn = torch.compile(DecodeStep(model, caches)._step, backend="aot_eager", fullgraph=True, dynamic=False)
+        tok, pos = ids[:, -1:].clone(), torch.full((2, 1), 5)
+        seq = [ids]
+        for _ in range(3):
+            logits = fn(tok, pos)
+            seq.append(tok.clone())
+            tok.copy_(logits.argmax(-1, keepdim=True))
+            pos += 1
+        ref = model(torch.cat(seq, 1)).logits[:, -1]
+    assert caches[0].seqlens.tolist() == [8, 8]
+    assert rel_err(logits, ref) < 1e-4
 
 
 @pytest.mark.gpu
