@@ -5,9 +5,10 @@ projection shapes, with the copy-bandwidth and bf16-matmul rooflines measured in
 
 Rows: (K, N) in {4096x6144 (qkv), 4096x4096 (o), 4096x28672 (gate_up), 14336x4096 (down)}, M in 1..16 (decode)
 and >= 1024 (prefill), for W4 g128 with zero points (GPTQ/AWQ-like), W4 g128 symmetric and W8 per-channel.
-Reports ``triton.testing.do_bench`` medians, speed-up over bf16 ``F.linear``, GB/s counting weight + scale
-(+ zero point) + activation bytes and its % of the measured copy bandwidth, TFLOP/s and % of the bf16 mm
-roofline, the autotuned config, and the issue-7 targets (W4 M<=16: >= 3x bf16 and >= 75% of copy bandwidth;
+Reports ``triton.testing.do_bench`` medians of ours, bf16 ``F.linear`` (cuBLAS), the plain-PyTorch
+W4A16/W8A16 (``reference.quant_matmul``: dequantize then mm) eager and under ``torch.compile``; speed-up over
+bf16, GB/s counting weight + scale (+ zero point) + activation bytes and its % of the measured copy
+bandwidth, TFLOP/s and % of the bf16 mm roofline, the autotuned config, and the issue-7 targets (W4 M<=16: >= 3x bf16 and >= 75% of copy bandwidth;
 W4 M>=1024: >= 0.9x bf16; W8 M=1: >= 1.8x bf16). Writes ``benchmarks/results/<gpu>/quant.{json,md,png}``.
 Without CUDA it prints that interpreter timings are not performance figures and writes nothing.
 """
@@ -44,7 +45,7 @@ def run(out_dir: Path | None, quick: bool) -> int:
         return 0
     import triton
 
-    from llama_triton import bench, quant
+    from llama_triton import bench, quant, reference
     from llama_triton.kernels.quant_gemm import chosen_config
     from llama_triton.ops.quant_matmul import quant_matmul
 
@@ -52,6 +53,7 @@ def run(out_dir: Path | None, quick: bool) -> int:
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s, bf16 mm {mm_tflops:.0f} TFLOP/s")
     shapes = SHAPES[:2] if quick else SHAPES
     ms_list = ([1, 16, 1024] if quick else M_DECODE + M_PREFILL)
+    compiled = torch.compile(reference.quant_matmul)
     rows = []
     for K, N in shapes:
         w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
@@ -61,13 +63,19 @@ def run(out_dir: Path | None, quick: bool) -> int:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 ours_ms = bench._do_bench(lambda: quant_matmul(x, qw))
                 bf16_ms = bench._do_bench(lambda: torch.nn.functional.linear(x, w))
+                ms = {"ours": ours_ms, "bf16_mm": bf16_ms}
+                for name, fn in (("eager", reference.quant_matmul), ("compile", compiled)):
+                    try:  # plain PyTorch W4A16/W8A16 (dequantize, then mm) and its torch.compile
+                        ms[name] = bench._do_bench(lambda: fn(x, qw))
+                    except Exception as e:  # noqa: BLE001  an optional comparison (e.g. out of memory)
+                        print(f"  {name} failed at K={K} N={N} M={M}: {type(e).__name__}: {e}")
                 nbytes = qw.nbytes() + 2 * (M * K + M * N)
                 gbps = nbytes / ours_ms * 1e-6
                 tflops = 2 * M * N * K / ours_ms * 1e-9
                 speedup = bf16_ms / ours_ms
                 pct_copy = 100 * gbps / copy_gbps
                 target, met = _target(vname, M, speedup, pct_copy)
-                row = {"K": K, "N": N, "M": M, "variant": vname, "ms": {"ours": ours_ms, "bf16_mm": bf16_ms},
+                row = {"K": K, "N": N, "M": M, "variant": vname, "ms": ms,
                        "speedup_vs_bf16": speedup, "gbps": gbps, "pct_copy": pct_copy, "tflops": tflops,
                        "pct_mm": 100 * tflops / mm_tflops, "config": chosen_config(M, K, group if group != -1 else K),
                        "target": target, "target_met": met}
@@ -89,6 +97,10 @@ def run(out_dir: Path | None, quick: bool) -> int:
     return 0
 
 
+def _ms(row: dict, name: str) -> str:
+    return f"{row['ms'][name]:.4f}" if name in row["ms"] else "-"
+
+
 def to_markdown(result: dict) -> str:
     lines = [
         f"# Quantized GEMM on {result['gpu']}",
@@ -97,13 +109,15 @@ def to_markdown(result: dict) -> str:
         f"{result['copy_gbps']:.0f} GB/s, bf16 mm {result['mm_tflops']:.0f} TFLOP/s. bf16 activations; times are "
         "`triton.testing.do_bench` medians (ms); GB/s counts weight + scale (+ zero point) + x + y bytes.",
         "",
-        "| K | N | M | weights | ours ms | bf16 mm ms | vs bf16 | GB/s | % copy | TFLOP/s | % mm | config | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| K | N | M | weights | ours ms | bf16 mm ms | eager ms | compile ms | vs bf16 | GB/s | % copy | TFLOP/s | % mm "
+        "| config | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         met = "" if r["target_met"] is None else (" met" if r["target_met"] else " MISSED")
         lines.append(
             f"| {r['K']} | {r['N']} | {r['M']} | {r['variant']} | {r['ms']['ours']:.4f} | {r['ms']['bf16_mm']:.4f} | "
+            f"{_ms(r, 'eager')} | {_ms(r, 'compile')} | "
             f"{r['speedup_vs_bf16']:.2f}x | {r['gbps']:.0f} | {r['pct_copy']:.0f}% | {r['tflops']:.1f} | "
             f"{r['pct_mm']:.0f}% | {r['config']} | {r['target']}{met} |")
     return "\n".join(lines) + "\n"

@@ -283,6 +283,13 @@ def test_quant_linear_from_linear_and_state_dict_round_trip(bits, group, sym):
     assert set(ql.state_dict()) == {"qweight", "scales", "bias"} | (set() if sym else {"zeros"})
 
 
+def _check_linear(ours, x, w, bias):
+    """ours vs F.linear(x, w, bias) under the 2x rule: plain PyTorch in x's dtype vs the fp64 oracle."""
+    low = nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    hi = nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+    testing.assert_close("y", ours, low, hi)
+
+
 def test_quant_linear_from_gptq_act_order_and_awq():
     K, Nn, group = 128, 24, 32
     q, z, s = _random_checkpoint(K, Nn, 4, group)
@@ -292,13 +299,13 @@ def test_quant_linear_from_gptq_act_order_and_awq():
                                       checkpoint_format="gptq_v2").to(DEVICE)
     x = torch.randn(3, K, dtype=torch.float16, device=DEVICE)
     w = _expected_weight(q, z, s, g_idx).to(DEVICE)
-    torch.testing.assert_close(ql(x).float(), x.float() @ w.t() + bias.float().to(DEVICE), rtol=2e-3, atol=2e-3)
+    _check_linear(ql(x), x, w, bias.to(DEVICE))
     fresh = layers.QuantLinear(K, Nn, bias=True, group_size=group, sym=False, act_order=True, dtype=torch.float16)
     fresh.load_state_dict(ql.state_dict())
     torch.testing.assert_close(fresh.to(DEVICE)(x), ql(x), rtol=0, atol=0)
     awq = layers.QuantLinear.from_awq(awq_pack(q), awq_pack(z), s).to(DEVICE)
     w_awq = _expected_weight(q, z, s, torch.arange(K) // group).to(DEVICE)
-    torch.testing.assert_close(awq(x).float(), x.float() @ w_awq.t(), rtol=2e-3, atol=2e-3)
+    _check_linear(awq(x), x, w_awq, None)
 
 
 def _tiny_llama():
@@ -507,3 +514,44 @@ def test_quantize_model_perplexity_on_our_model(monkeypatch):
         monkeypatch.delenv("LLAMA_TRITON_BACKEND")
         logits = q(ids).logits
     torch.testing.assert_close(logits, ref_logits, rtol=1e-3, atol=1e-3)
+
+
+_LOWERING = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import lowering_check as L
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+JITFunction.run, Autotuner.run = L.fake_run, L.fake_autotune_run
+L.all_configs = False
+from llama_triton import quant
+from llama_triton.kernels import quant_gemm as QG
+
+# what the generic check (registry shapes: M = 16, bf16/fp16) does not reach: the prefill GEMM (packed words
+# unpacked in registers), act-order, fp32 activations (ieee dots)
+for dtype, bits, group, sym, M in ((torch.bfloat16, 4, 128, False, 128), (torch.bfloat16, 8, -1, True, 128),
+                                   (torch.float32, 4, 32, True, 128), (torch.float32, 8, -1, False, 1)):
+    qw = quant.quantize_weight(torch.randn(96, 256), bits, group, sym).to(dtype=dtype)
+    perm = torch.arange(256, dtype=torch.int32) if bits == 4 else None
+    QG.quant_matmul(torch.empty(M, 256, dtype=dtype), qw.qweight, qw.scales, qw.zeros, perm, bits, qw.group_size)
+print("LOWERING OK", len(L.compiled))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
+def test_kernel_variants_lower_to_sm90_without_a_gpu():
+    """tests/test_lowering.py compiles the registry shapes (M = 16: the decode path only); this compiles the
+    prefill path, act-order and fp32 with the same machinery (tests/lowering_check.py), first config each."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    r = subprocess.run([sys.executable, "-c", _LOWERING, str(Path(__file__).parent)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and "LOWERING OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("COMPACT=True") == 3 and "HAS_PERM=True" in r.stdout, r.stdout
