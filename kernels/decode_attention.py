@@ -207,15 +207,12 @@ def check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, window_
         raise ValueError(f"window_size must be a pair of ints >= -1 (left, right; -1 = unbounded), got {window_size!r}")
 
 
-def seqlens_checked(cache_seqlens: torch.Tensor) -> bool:
-    """Whether `check_seqlens_values` inspects the values: free on the CPU, opt-in (syncs) on a GPU."""
-    return cache_seqlens.device.type == "cpu" or os.environ.get("LLAMA_TRITON_CHECK_SEQLENS", "0") == "1"
-
-
 def check_seqlens_values(cache_seqlens: torch.Tensor, max_seqlen: int) -> None:
-    """Raise ValueError if some cache_seqlens is < 0 or > max_seqlen. Only where `seqlens_checked` says so
-    (the kernel itself clamps lengths to [0, max_seqlen], so it never reads out of bounds)."""
-    if not seqlens_checked(cache_seqlens) or cache_seqlens.numel() == 0:
+    """Raise ValueError if some cache_seqlens is < 0 or > max_seqlen: on the CPU (free), or on a GPU with
+    LLAMA_TRITON_CHECK_SEQLENS=1 (syncs). The kernel itself clamps lengths to [0, max_seqlen], so it never
+    reads out of bounds."""
+    on_cpu = cache_seqlens.device.type == "cpu"
+    if (not on_cpu and os.environ.get("LLAMA_TRITON_CHECK_SEQLENS", "0") != "1") or cache_seqlens.numel() == 0:
         return
     lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
     if lo < 0 or hi > max_seqlen:

@@ -222,7 +222,7 @@ def test_bad_options():
 
 def test_split_heuristic_depends_on_shapes_not_lengths():
     cpu = torch.device("cpu")
-    assert K.choose_num_splits(1, 8, 1, 32768, 64, cpu) >= 1
+    assert K.choose_num_splits(1, 1, 1, 32768, 64, cpu) > 1        # few programs, long buffer: split it
     assert K.choose_num_splits(1, 1, 1, 10, 64, cpu) == 1           # never more splits than cache blocks
     assert K.choose_num_splits(64, 8, 1, 32768, 64, cpu) == 1       # enough programs already
     assert "splits=" in K.describe_config(1, 1, 32, 8, 128, 4096, cpu)
