@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, DTYPES
-from llama_triton import backend, reference, testing
+from llama_triton import reference, testing
 from llama_triton.kernels import decode_attention as K
 from llama_triton.ops import decode_attention as ops
 from llama_triton.ops.decode_attention import decode_attention
