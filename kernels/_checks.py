@@ -1,6 +1,8 @@
 """Input checks shared by the launchers: every failure names the argument and what is allowed."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,3 +46,10 @@ def num_warps_for(block: int) -> int:
     if block >= 2048:
         return 8
     return 4
+
+
+def interpreting() -> bool:
+    """True when Triton's CPU interpreter is on (TRITON_INTERPRET=1): launchers pick small blocks / one
+    autotune config there. Key GPU-vs-interpreter choices on this, not on the tensor's device, so that
+    tests/lowering_check.py (CPU tensors, no interpreter) compiles the GPU choices."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

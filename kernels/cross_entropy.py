@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, interpreting, num_warps_for
 
 INT_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("mean", "sum", "none")
@@ -58,7 +58,8 @@ def _cross_entropy_kernel(
         cols = start + offs
         x = tl.load(X + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # all -inf so far: avoid exp(-inf - -inf) = NaN
+        d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
         m = m_new
     lse = m + tl.log(d)
     in_range = (label >= 0) & (label < V)
@@ -130,12 +131,10 @@ def check_labels(labels, vocab_size, ignore_index):
 
 
 # ------------------------------------------------------------------------------------------ launchers
-def _block_v(V: int, device: torch.device) -> int:
-    return min(triton.next_power_of_2(V), 32768 if device.type == "cuda" else 4096)
-
-
-def _num_warps(block: int) -> int:
-    return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+def _block_v(V: int) -> int:
+    """Vocab block: large on a GPU, small on the interpreter (keyed on the interpreter, not the tensor's
+    device, so that tests/lowering_check.py compiles the GPU block sizes from CPU tensors)."""
+    return min(triton.next_power_of_2(V), 4096 if interpreting() else 32768)
 
 
 def cross_entropy_rows(logits, labels, ignore_index, compute_grad, scale=None, dlogits=None):
@@ -150,14 +149,14 @@ def cross_entropy_rows(logits, labels, ignore_index, compute_grad, scale=None, d
         return losses, dlogits
     if scale is not None:
         scale = scale.reshape(-1)
-    BLOCK_V = _block_v(V, logits.device)
+    BLOCK_V = _block_v(V)
     _cross_entropy_kernel[(N,)](
         logits, labels, losses, dlogits if compute_grad else logits, scale if scale is not None else losses,
         V,
         logits.stride(0), dlogits.stride(0) if compute_grad else 0,
         (1 if scale.numel() > 1 else 0) if scale is not None else 0,
         ignore_index,
-        HAS_SCALE=scale is not None, COMPUTE_GRAD=bool(compute_grad), BLOCK_V=BLOCK_V, num_warps=_num_warps(BLOCK_V),
+        HAS_SCALE=scale is not None, COMPUTE_GRAD=bool(compute_grad), BLOCK_V=BLOCK_V, num_warps=num_warps_for(BLOCK_V),
     )
     return losses, dlogits
 

@@ -23,22 +23,16 @@ decode (M <= 16) configs use BLOCK_M=16, prefill ones large tiles.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 
 
 def _configs():
     """Autotune space: one small config on the interpreter; decode and prefill tiles on a GPU."""
-    if _interpreting():
+    if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     cfg = lambda m, n, k, w, s: triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},  # noqa: E731
                                               num_warps=w, num_stages=s)

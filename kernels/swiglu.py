@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 
 
 @triton.jit
@@ -55,8 +55,8 @@ def _swiglu_bwd_kernel(
     tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
 
 
-def _block(n_cols: int, device: torch.device) -> int:
-    cap = 1024 if device.type == "cuda" else 128      # small blocks keep the CPU interpreter fast
+def _block(n_cols: int) -> int:
+    cap = 128 if interpreting() else 1024             # small blocks keep the CPU interpreter fast
     return min(cap, triton.next_power_of_2(max(n_cols, 1)))
 
 
@@ -90,7 +90,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = 
     y = torch.empty((M, n), dtype=gate.dtype, device=gate.device) if out is None else out
     if M == 0 or n == 0:
         return y
-    BLOCK = _block(n, gate.device)
+    BLOCK = _block(n)
     _swiglu_fwd_kernel[(M, triton.cdiv(n, BLOCK))](
         gate, up, y, n, gate.stride(0), up.stride(0), y.stride(0), BLOCK=BLOCK, num_warps=4,
     )
@@ -106,7 +106,7 @@ def swiglu_bwd(dy, gate, up, dgate=None, dup=None):
     dup = torch.empty((M, n), dtype=gate.dtype, device=gate.device) if dup is None else dup
     if M == 0 or n == 0:
         return dgate, dup
-    BLOCK = _block(n, gate.device)
+    BLOCK = _block(n)
     _swiglu_bwd_kernel[(M, triton.cdiv(n, BLOCK))](
         dy, gate, up, dgate, dup, n,
         dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),

@@ -91,6 +91,23 @@ def test_all_ignored_gives_zero_not_nan():
     assert cross_entropy(torch.randn(0, 5, device=DEVICE), torch.zeros(0, dtype=torch.long, device=DEVICE)).item() == 0
 
 
+def test_masked_logits_minus_inf():
+    """-inf logits (a masked / padded vocabulary) as F.cross_entropy takes them: a first vocab block that is
+    entirely -inf must not turn the online log-sum-exp into NaN (exp(-inf - -inf))."""
+    block = K._block_v(8192)
+    logits = torch.randn(3, block + 300, device=DEVICE)
+    logits[:, :block + 7] = float("-inf")                  # the whole first block and then some
+    logits[1, : block // 2] = 0.5                          # a row whose first block is only partly masked
+    logits = logits.requires_grad_()
+    labels = torch.tensor([block + 100, 3, -100], device=DEVICE)
+    ref = logits.detach().clone().requires_grad_()
+    for red in ("none", "mean"):
+        ours, exp = cross_entropy(logits, labels, reduction=red), F.cross_entropy(ref, labels, reduction=red)
+        torch.testing.assert_close(ours, exp)
+        g = torch.randn_like(ours)
+        torch.testing.assert_close(torch.autograd.grad(ours, logits, g)[0], torch.autograd.grad(exp, ref, g)[0])
+
+
 def test_custom_ignore_index():
     logits = torch.randn(6, 20, device=DEVICE)
     labels = torch.tensor([1, 7, 7, 3, 19, 0], device=DEVICE)
@@ -189,6 +206,13 @@ def test_flce_partial_requires_grad_and_no_grad():
     h2 = h.detach().requires_grad_()
     (rh,) = torch.autograd.grad(reference.fused_linear_cross_entropy(h2, w, labels), h2)
     torch.testing.assert_close(gh, rh)
+    w2 = w.clone().requires_grad_()                              # frozen hidden, trained lm_head
+    for red in ("mean", "none"):
+        loss = fused_linear_cross_entropy(h.detach(), w2, labels, reduction=red)
+        g = torch.randn_like(loss)
+        (gw,) = torch.autograd.grad(loss, w2, g)
+        (rw,) = torch.autograd.grad(reference.fused_linear_cross_entropy(h.detach(), w2, labels, reduction=red), w2, g)
+        torch.testing.assert_close(gw, rw)
     with torch.no_grad():
         torch.testing.assert_close(fused_linear_cross_entropy(h, w, labels), reference.fused_linear_cross_entropy(h, w, labels))
 
