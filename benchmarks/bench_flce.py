@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -68,7 +67,8 @@ def run(tokens: int, hidden: int, vocab: int, out_dir: Path | None) -> int:
         print("No CUDA device: this benchmark measures GPU time and memory; nothing is written.")
         return 0
     import triton
-    import triton.testing
+
+    from llama_triton.bench import RESULTS_DIR, _do_bench, gpu_slug
 
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -79,7 +79,7 @@ def run(tokens: int, hidden: int, vocab: int, out_dir: Path | None) -> int:
     for name, fn in _impls().items():
         try:
             peak = peak_bytes(fn, h, w, y)
-            ms = triton.testing.do_bench(lambda: _step(fn, h, w, y), warmup=5, rep=50, return_mode="median")
+            ms = _do_bench(lambda: _step(fn, h, w, y))
         except torch.cuda.OutOfMemoryError:
             peak, ms = float("nan"), float("nan")
         rows.append({"impl": name, "ms": ms, "peak_gib": peak / 2**30})
@@ -92,7 +92,7 @@ def run(tokens: int, hidden: int, vocab: int, out_dir: Path | None) -> int:
     result = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
               "date": time.strftime("%Y-%m-%d"), "tokens": tokens, "hidden": hidden, "vocab": vocab,
               "dtype": "bfloat16", "rows": rows}
-    out_dir = out_dir or Path(__file__).resolve().parent / "results" / re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    out_dir = out_dir or RESULTS_DIR / gpu_slug()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "flce.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Fused linear cross-entropy on {gpu}", "",
