@@ -148,7 +148,7 @@ def cross_entropy_rows(logits, labels, ignore_index, compute_grad, scale=None, d
     if N == 0:
         return losses, dlogits
     if scale is not None:
-        scale = scale.reshape(-1)
+        scale = scale.reshape(-1).contiguous()             # the kernel reads element `row` (stride 1) when N > 1
     BLOCK_V = _block_v(V)
     _cross_entropy_kernel[(N,)](
         logits, labels, losses, dlogits if compute_grad else logits, scale if scale is not None else losses,
@@ -226,7 +226,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, 
         if reduction == "mean":
             scale = mean_scale(labels, ignore_index).reshape(1)
         if row_scale is not None:
-            row_scale = row_scale.reshape(-1).to(torch.float32)
+            row_scale = row_scale.reshape(-1).to(torch.float32).contiguous()   # (an expanded grad has stride 0)
             scale = row_scale if scale is None else row_scale * scale
     chunk = chunk_size or default_chunk_size(N, H, V)
     for start in range(0, N, chunk):

@@ -108,6 +108,36 @@ def test_masked_logits_minus_inf():
         torch.testing.assert_close(torch.autograd.grad(ours, logits, g)[0], torch.autograd.grad(exp, ref, g)[0])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fp16_loss_scaling(reduction):
+    """fp16 training multiplies the loss by GradScaler's 2**16, which does not fit in fp16 (max 65504): the
+    upstream gradient must scale the fp16 gradients in fp32, not be cast to fp16 (inf) first."""
+    torch.manual_seed(0)
+    h = torch.randn(6, 16, device=DEVICE).half()
+    w = (torch.randn(50, 16, device=DEVICE) * 0.25).half()
+    y = _labels((6,), 50)
+    for fn, ref, args in ((fused_linear_cross_entropy, reference.fused_linear_cross_entropy, (h, w)),
+                          (cross_entropy, reference.cross_entropy, (h @ w.t(),))):
+        res = []
+        for f, a in ((fn, args), (ref, args), (ref, testing.to_oracle(args))):
+            leaves = [t.detach().clone().requires_grad_() for t in a]
+            res.append(torch.autograd.grad(f(*leaves, y, reduction=reduction).sum() * 2.0 ** 16, leaves))
+        for i, (o, l, hi) in enumerate(zip(*res)):
+            testing.assert_close(f"{fn.__name__} grad{i}", o, l, hi)
+
+
+def test_flce_none_then_sum_backward():
+    """loss.sum().backward() hands reduction="none" an expanded (stride 0) per-token gradient: the
+    recomputing backward must not read it as a contiguous vector."""
+    h = torch.randn(7, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(40, 16, device=DEVICE, requires_grad=True)
+    y = _labels((7,), 40)
+    ours = torch.autograd.grad(fused_linear_cross_entropy(h, w, y, reduction="none").sum() * 3, (h, w))
+    ref = torch.autograd.grad(reference.fused_linear_cross_entropy(h, w, y, reduction="none").sum() * 3, (h, w))
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r)
+
+
 def test_custom_ignore_index():
     logits = torch.randn(6, 20, device=DEVICE)
     labels = torch.tensor([1, 7, 7, 3, 19, 0], device=DEVICE)

@@ -28,6 +28,19 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _mul_fp32(grad: Tensor, go: Tensor, out: Tensor) -> Tensor:
+    """out = grad (R, X) * go (0-d, or (R, 1) per row), the product in fp32 and rounded once: the upstream
+    gradient need not fit in grad's dtype (fp16 training scales the loss by GradScaler's 2**16 > fp16's max
+    65504). Row chunks of <= 2**24 elements bound the fp32 temporary; ``out`` may be ``grad`` (in place)."""
+    go = go.to(torch.float32)
+    if grad.dtype == torch.float32:
+        return torch.mul(grad, go, out=out)
+    step = max(1, (1 << 24) // max(1, grad.shape[1]))
+    for r in range(0, grad.shape[0], step):
+        out[r:r + step].copy_(grad[r:r + step].float() * (go if go.dim() == 0 else go[r:r + step]))
+    return out
+
+
 def _host_checks_enabled() -> bool:
     return not torch.compiler.is_compiling()
 
@@ -58,7 +71,9 @@ def _ce_backward(ctx, dloss, _dgrad):
                            "llama_triton.cross_entropy, which sets it from logits.requires_grad")
     (dlogits,) = ctx.saved_tensors
     go = dloss.reshape(-1, 1) if ctx.reduction == "none" else dloss
-    return dlogits * go.to(dlogits.dtype), None, None, None, None
+    if torch.compiler.is_compiling():      # traced: one fused elementwise kernel, no fp32 temporary
+        return (dlogits.float() * go.float()).to(dlogits.dtype), None, None, None, None
+    return _mul_fp32(dlogits, go, torch.empty_like(dlogits)), None, None, None, None
 
 
 _cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
@@ -129,7 +144,7 @@ def _(hidden, weight, labels, row_scale, ignore_index, grad_hidden, grad_weight,
 
 @torch.library.custom_op("llama_triton::scale_", mutates_args=("grad",))
 def _scale_(grad: Tensor, dloss: Tensor) -> None:
-    grad.mul_(dloss.to(grad.dtype))
+    _mul_fp32(grad, dloss, grad)
 
 
 @_scale_.register_fake
