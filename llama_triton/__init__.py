@@ -13,7 +13,6 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "flash_attention": "llama_triton.ops.flash_attention",
-    "quant_matmul": "llama_triton.ops.quant_matmul",
     "rms_norm": "llama_triton.ops.rms_norm",
     "apply_rotary_pos_emb": "llama_triton.ops.rope",
     "swiglu": "llama_triton.ops.swiglu",
@@ -21,6 +20,7 @@ _EXPORTS = {
     "fused_linear_cross_entropy": "llama_triton.ops.cross_entropy",
     "rms_norm_matmul": "llama_triton.ops.rms_norm_matmul",
     "decode_attention": "llama_triton.ops.decode_attention",
+    "quant_matmul": "llama_triton.ops.quant_matmul",
 }
 
 __all__ = sorted(_EXPORTS)

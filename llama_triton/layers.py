@@ -43,6 +43,73 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+# ------------------------------------------------------------------------------------------- KV cache
+class KVCache(nn.Module):
+    """Static (preallocated) KV cache, gpt-fast style, for ``llama_triton.decode_attention``.
+
+    Buffers: ``k``, ``v`` ``(batch, max_seqlen, n_kv_heads, head_dim)`` and ``seqlens`` int32 ``(batch,)``
+    (valid entries per sequence). Fixed shapes and no host sync in ``update``, so a decode step that uses
+    it can be captured in a CUDA graph / compiled with static shapes.
+    """
+
+    def __init__(self, batch: int, max_seqlen: int, n_kv_heads: int, head_dim: int, dtype=None, device=None):
+        super().__init__()
+        for name, val in (("batch", batch), ("max_seqlen", max_seqlen), ("n_kv_heads", n_kv_heads),
+                          ("head_dim", head_dim)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"KVCache: {name} must be a positive int, got {val!r}")
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        shape = (batch, max_seqlen, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("seqlens", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write new entries and advance the lengths; returns the ``(k, v)`` buffers.
+
+        positions: int64 (or int32) ``(batch, q_len)`` absolute positions of the new tokens;
+        k, v: ``(batch, q_len, n_kv_heads, head_dim)``, cast to the cache's dtype. Sets
+        ``seqlens = max(seqlens, positions[:, -1] + 1)``. Positions are range-checked (ValueError) when they
+        live on the CPU; on a GPU an out-of-range position is an indexing error of ``index_put_``.
+        """
+        from .kernels._checks import check_same_device, check_tensor
+
+        check_tensor("positions", positions, (torch.int64, torch.int32), ndim=2)
+        check_tensor("k", k, None, ndim=4)
+        check_tensor("v", v, None, ndim=4)
+        check_same_device(cache=self.k, positions=positions, k=k, v=v)
+        b, q_len = positions.shape
+        want = (b, q_len) + tuple(self.k.shape[2:])
+        if b != self.k.shape[0] or q_len < 1:
+            raise ValueError(f"positions has shape {tuple(positions.shape)}; expected (batch={self.k.shape[0]}, q_len>=1)")
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {want} (batch, q_len, n_kv_heads, head_dim)")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} has dtype {t.dtype}; expected a floating-point tensor")
+        if positions.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = int(positions.min()), int(positions.max())
+            if lo < 0 or hi >= self.max_seqlen:
+                raise ValueError(f"positions must be in [0, max_seqlen={self.max_seqlen}), got values in [{lo}, {hi}]")
+        positions = positions.long()
+        rows = torch.arange(b, device=positions.device)[:, None].expand(b, q_len)   # (b, q_len)
+        self.k.index_put_((rows, positions), k.to(self.k.dtype))                     # k[b, pos[b, t]] = k[b, t]
+        self.v.index_put_((rows, positions), v.to(self.v.dtype))
+        torch.maximum(self.seqlens, (positions[:, -1] + 1).to(torch.int32), out=self.seqlens)
+        return self.k, self.v
+
+    def reset(self) -> None:
+        """Forget every sequence (lengths to 0; the buffers' stale contents are never read)."""
+        self.seqlens.zero_()
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.k.shape)}, dtype={self.k.dtype}"
+
+
 # ------------------------------------------------------------------------------ Attention, DecoderLayer
 def _layer_window(config, layer_idx: int):
     """Sliding window of layer `layer_idx` (None: full attention); HF Mistral/Qwen2 conventions."""
@@ -166,73 +233,6 @@ class DecoderLayer(nn.Module):
                               cache=cache, position_ids=position_ids, **kwargs)
         h, residual = self.post_attention_layernorm(h, residual)                    # residual + attn, normed
         return residual + self.mlp(h)
-
-
-# ------------------------------------------------------------------------------------------- KV cache
-class KVCache(nn.Module):
-    """Static (preallocated) KV cache, gpt-fast style, for ``llama_triton.decode_attention``.
-
-    Buffers: ``k``, ``v`` ``(batch, max_seqlen, n_kv_heads, head_dim)`` and ``seqlens`` int32 ``(batch,)``
-    (valid entries per sequence). Fixed shapes and no host sync in ``update``, so a decode step that uses
-    it can be captured in a CUDA graph / compiled with static shapes.
-    """
-
-    def __init__(self, batch: int, max_seqlen: int, n_kv_heads: int, head_dim: int, dtype=None, device=None):
-        super().__init__()
-        for name, val in (("batch", batch), ("max_seqlen", max_seqlen), ("n_kv_heads", n_kv_heads),
-                          ("head_dim", head_dim)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"KVCache: {name} must be a positive int, got {val!r}")
-        dtype = dtype if dtype is not None else torch.get_default_dtype()
-        shape = (batch, max_seqlen, n_kv_heads, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("seqlens", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
-
-    @property
-    def max_seqlen(self) -> int:
-        return self.k.shape[1]
-
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write new entries and advance the lengths; returns the ``(k, v)`` buffers.
-
-        positions: int64 (or int32) ``(batch, q_len)`` absolute positions of the new tokens;
-        k, v: ``(batch, q_len, n_kv_heads, head_dim)``, cast to the cache's dtype. Sets
-        ``seqlens = max(seqlens, positions[:, -1] + 1)``. Positions are range-checked (ValueError) when they
-        live on the CPU; on a GPU an out-of-range position is an indexing error of ``index_put_``.
-        """
-        from .kernels._checks import check_same_device, check_tensor
-
-        check_tensor("positions", positions, (torch.int64, torch.int32), ndim=2)
-        check_tensor("k", k, None, ndim=4)
-        check_tensor("v", v, None, ndim=4)
-        check_same_device(cache=self.k, positions=positions, k=k, v=v)
-        b, q_len = positions.shape
-        want = (b, q_len) + tuple(self.k.shape[2:])
-        if b != self.k.shape[0] or q_len < 1:
-            raise ValueError(f"positions has shape {tuple(positions.shape)}; expected (batch={self.k.shape[0]}, q_len>=1)")
-        for name, t in (("k", k), ("v", v)):
-            if tuple(t.shape) != want:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {want} (batch, q_len, n_kv_heads, head_dim)")
-            if not t.is_floating_point():
-                raise TypeError(f"{name} has dtype {t.dtype}; expected a floating-point tensor")
-        if positions.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi = int(positions.min()), int(positions.max())
-            if lo < 0 or hi >= self.max_seqlen:
-                raise ValueError(f"positions must be in [0, max_seqlen={self.max_seqlen}), got values in [{lo}, {hi}]")
-        positions = positions.long()
-        rows = torch.arange(b, device=positions.device)[:, None].expand(b, q_len)   # (b, q_len)
-        self.k.index_put_((rows, positions), k.to(self.k.dtype))                     # k[b, pos[b, t]] = k[b, t]
-        self.v.index_put_((rows, positions), v.to(self.v.dtype))
-        torch.maximum(self.seqlens, (positions[:, -1] + 1).to(torch.int32), out=self.seqlens)
-        return self.k, self.v
-
-    def reset(self) -> None:
-        """Forget every sequence (lengths to 0; the buffers' stale contents are never read)."""
-        self.seqlens.zero_()
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.k.shape)}, dtype={self.k.dtype}"
 
 
 class RotaryEmbedding(nn.Module):

@@ -147,6 +147,66 @@ REGISTRY.append(OpSpec(
 ))
 
 
+# ------------------------------------------------------------------------------ quantized matmul (issue 7)
+def _quant_inputs(bits, sym):
+    def make(shape, dtype, device):
+        """x (M, K) in dtype; an RTN-quantized random weight (N, K) with scales in dtype."""
+        from .quant import quantize_weight
+
+        x = torch.randn(shape["M"], shape["K"], dtype=dtype, device=device)
+        w = (torch.randn(shape["N"], shape["K"], device=device) * shape["K"] ** -0.5).to(dtype)
+        return x, quantize_weight(w, bits=bits, group_size=shape["group"], sym=sym)
+    return make
+
+
+def _quant_bytes(bits, sym):
+    def f(shape, dtype, mode):
+        """Weight codes + scales (+ zero points) + x + y: what one call must move at least."""
+        M, K, N = shape["M"], shape["K"], shape["N"]
+        G = K // shape["group"] if shape["group"] != -1 else 1
+        zero_bytes = 0 if sym else G * N * (1 if bits == 4 else 2)
+        return K * N * bits // 8 + G * N * _elt(dtype) + zero_bytes + (M * K + M * N) * _elt(dtype)
+    return f
+
+
+def _quant_flops(shape):
+    """2MNK for prefill shapes; 0 for decode (M <= 16) so that `bench` reports % of copy bandwidth there."""
+    return 2 * shape["M"] * shape["N"] * shape["K"] if shape["M"] > 16 else 0
+
+
+def _quant_config(shape, dtype):
+    from .kernels.quant_gemm import chosen_config
+
+    return chosen_config(shape["M"], shape["K"], shape["group"] if shape["group"] != -1 else shape["K"])
+
+
+def _qshape(M, K, N, group):
+    return {"M": M, "K": K, "N": N, "group": group}
+
+
+def _quant_matmul_fn(x, qw):
+    from .ops.quant_matmul import quant_matmul
+
+    return quant_matmul(x, qw)
+
+
+_QUANT_BENCH_KN = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # Llama-3-8B projections
+for _bits, _sym, _group in ((4, False, 128), (8, True, -1)):
+    REGISTRY.append(OpSpec(
+        name=f"quant_matmul_w{_bits}",
+        fn=_quant_matmul_fn,
+        reference=reference.quant_matmul,
+        make_inputs=_quant_inputs(_bits, _sym),
+        flops=_quant_flops,
+        bytes=_quant_bytes(_bits, _sym),
+        test_shapes=[_qshape(m, 256, 96, 64 if _group != -1 else -1) for m in (1, 3, 16, 17, 128)],
+        bench_shapes=[_qshape(m, k, n, _group) for (k, n) in _QUANT_BENCH_KN for m in (1, 16, 1024)],
+        description=(f"W{_bits}A16 " + ("group-wise g128 with zero points" if _group != -1 else "per-channel symmetric")
+                     + " weight-only quantized matmul (decode split-K / prefill tiled)"),
+        config=_quant_config,
+    ))
+
+
 # ---------------------------------------------------------------------- rotary embeddings (issue 6)
 def _rope_inputs(shape, dtype, device):
     """q (b, h, s, d) and k (b, h_kv, s, d) as HF's transposed views of one (b, s, h + 2 h_kv, d) qkv
@@ -323,66 +383,6 @@ REGISTRY.append(OpSpec(
     description="residual add + RMSNorm fused into the following GEMM",
     config=_rmm_config,
 ))
-
-
-# ------------------------------------------------------------------------------ quantized matmul (issue 7)
-def _quant_inputs(bits, sym):
-    def make(shape, dtype, device):
-        """x (M, K) in dtype; an RTN-quantized random weight (N, K) with scales in dtype."""
-        from .quant import quantize_weight
-
-        x = torch.randn(shape["M"], shape["K"], dtype=dtype, device=device)
-        w = (torch.randn(shape["N"], shape["K"], device=device) * shape["K"] ** -0.5).to(dtype)
-        return x, quantize_weight(w, bits=bits, group_size=shape["group"], sym=sym)
-    return make
-
-
-def _quant_bytes(bits, sym):
-    def f(shape, dtype, mode):
-        """Weight codes + scales (+ zero points) + x + y: what one call must move at least."""
-        M, K, N = shape["M"], shape["K"], shape["N"]
-        G = K // shape["group"] if shape["group"] != -1 else 1
-        zero_bytes = 0 if sym else G * N * (1 if bits == 4 else 2)
-        return K * N * bits // 8 + G * N * _elt(dtype) + zero_bytes + (M * K + M * N) * _elt(dtype)
-    return f
-
-
-def _quant_flops(shape):
-    """2MNK for prefill shapes; 0 for decode (M <= 16) so that `bench` reports % of copy bandwidth there."""
-    return 2 * shape["M"] * shape["N"] * shape["K"] if shape["M"] > 16 else 0
-
-
-def _quant_config(shape, dtype):
-    from .kernels.quant_gemm import chosen_config
-
-    return chosen_config(shape["M"], shape["K"], shape["group"] if shape["group"] != -1 else shape["K"])
-
-
-def _qshape(M, K, N, group):
-    return {"M": M, "K": K, "N": N, "group": group}
-
-
-def _quant_matmul_fn(x, qw):
-    from .ops.quant_matmul import quant_matmul
-
-    return quant_matmul(x, qw)
-
-
-_QUANT_BENCH_KN = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # Llama-3-8B projections
-for _bits, _sym, _group in ((4, False, 128), (8, True, -1)):
-    REGISTRY.append(OpSpec(
-        name=f"quant_matmul_w{_bits}",
-        fn=_quant_matmul_fn,
-        reference=reference.quant_matmul,
-        make_inputs=_quant_inputs(_bits, _sym),
-        flops=_quant_flops,
-        bytes=_quant_bytes(_bits, _sym),
-        test_shapes=[_qshape(m, 256, 96, 64 if _group != -1 else -1) for m in (1, 3, 16, 17, 128)],
-        bench_shapes=[_qshape(m, k, n, _group) for (k, n) in _QUANT_BENCH_KN for m in (1, 16, 1024)],
-        description=(f"W{_bits}A16 " + ("group-wise g128 with zero points" if _group != -1 else "per-channel symmetric")
-                     + " weight-only quantized matmul (decode split-K / prefill tiled)"),
-        config=_quant_config,
-    ))
 
 
 # ------------------------------------------------------------------------------- flash attention (issue 4)
