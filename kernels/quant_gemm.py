@@ -27,13 +27,12 @@ register tiles); prefill loads each word once, ``(BLOCK_K / PACK, BLOCK_N)``, an
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 
 SUPPORTED_BITS = (4, 8)
 DECODE_MAX_M = 16
@@ -158,7 +157,7 @@ def _configs(decode: bool, max_block_k: int) -> list:
     on its own (PACK rows share a word through L1: small register tiles). prefill: the classic Triton
     matmul tiles, each packed word loaded once (COMPACT) so the pipelined shared-memory tile stays small.
     On Triton's interpreter: one small config per path (the decode one still splits K, so tests cover it)."""
-    if _interpreting():
+    if interpreting():
         bk = min(32, max_block_k)
         if decode:
             return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": 2,
@@ -181,10 +180,6 @@ def _configs(decode: bool, max_block_k: int) -> list:
     for c in out:  # clamping BLOCK_K can make two configs equal
         unique.setdefault((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages), c)
     return list(unique.values())
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,12 +13,9 @@ import os
 
 import torch
 
+from .kernels._checks import interpreting as interpreter_enabled  # the one definition (kernels need it too)
+
 _CHOICES = ("auto", "torch", "triton")
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton's CPU interpreter is switched on (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def forced_backend() -> str:

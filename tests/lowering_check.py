@@ -1,12 +1,12 @@
 """Compile every kernel that the registry's ops launch for a Hopper GPU (sm_90), without a GPU.
 
 Run as a script in a process WITHOUT TRITON_INTERPRET (so @triton.jit gives real JITFunctions). Each
-OpSpec's forward (and backward, when it has gradient inputs) is called on CPU tensors in bf16 and fp16;
-the backend is told that Triton can run, and every kernel launch is intercepted and compiled with
+OpSpec's forward (and backward, when it has gradient inputs) is called on CPU tensors in bf16 and fp16,
+on a middle and on the largest of its test shapes; the backend is told that Triton can run, and every kernel launch is intercepted and compiled with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` instead of being launched (the output
 tensors stay uninitialised; nothing is checked numerically). Autotuned kernels are compiled for every
-config in bf16 and for their first config in fp16. This catches what the interpreter cannot: GPU-only type errors, unsupported ops, bad layouts, and
-kernels whose shared memory exceeds an H100's 227 KiB (fatal for a kernel that is not autotuned).
+config in bf16 and for their first config in fp16. This catches what the interpreter cannot: GPU-only
+type errors, unsupported ops, bad layouts, and kernels whose shared memory exceeds an H100's 227 KiB (fatal for a kernel that is not autotuned).
 
 Prints one line per compiled kernel signature and `LOWERING OK <n>` at the end; exits 1 on any failure.
 Usage: python tests/lowering_check.py [op_name ...]
@@ -103,9 +103,11 @@ def main(names) -> int:
     global all_configs
     failures = 0
     for spec in specs:
-        for dtype in (torch.bfloat16, torch.float16):
+        # a middle and the largest test shape: both paths of M-bucketed kernels, the biggest blocks
+        shapes = [spec.test_shapes[min(2, len(spec.test_shapes) - 1)], spec.test_shapes[-1]]
+        for shape, dtype in [(s, d) for i, s in enumerate(shapes) if s not in shapes[:i]
+                             for d in (torch.bfloat16, torch.float16)]:
             all_configs = dtype == torch.bfloat16  # every autotune config once; fp16 reuses the first
-            shape = spec.test_shapes[min(2, len(spec.test_shapes) - 1)]
             print(f"{spec.name} {spec.label(shape)} {dtype}")
             try:
                 torch.manual_seed(0)
