@@ -5,6 +5,7 @@ the cache grows / CUDA-graph capture."""
 import pytest
 import torch
 
+import lowering_check
 from conftest import DEVICE, DTYPES
 from llama_triton import reference, testing
 from llama_triton.kernels import decode_attention as K
@@ -292,12 +293,7 @@ def test_gpu_torch_compile_decode_step():
 
 
 _LOWERING = r"""
-import sys
 import torch
-sys.path.insert(0, sys.argv[1])
-import lowering_check as L
-from triton.runtime.jit import JITFunction
-JITFunction.run = L.fake_run
 from llama_triton.kernels import decode_attention as K
 
 # what the generic check (registry shapes: bf16/fp16, no window, one split) does not reach: fp32 (ieee dots),
@@ -313,15 +309,5 @@ print("LOWERING OK", len(L.compiled))
 def test_kernel_variants_lower_to_sm90_without_a_gpu():
     """tests/test_lowering.py compiles the registry shapes (bf16/fp16, no window, one split); this compiles
     the variants it does not reach with the same machinery (tests/lowering_check.py)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    r = subprocess.run([sys.executable, "-c", _LOWERING, str(Path(__file__).parent)], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0 and "LOWERING OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("compiled _decode_merge_kernel") == 3, r.stdout      # fp32, bf16, head_dim 256
+    stdout = lowering_check.run_snippet(_LOWERING)
+    assert stdout.count("compiled _decode_merge_kernel") == 3, stdout      # fp32, bf16, head_dim 256
