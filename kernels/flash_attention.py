@@ -52,9 +52,15 @@ def _fwd_configs():
     return configs
 
 
+def _elt(named_args) -> int:
+    """Element size of the inputs (fp32 tiles take twice the shared memory of fp16/bf16 ones)."""
+    q = named_args.get("Q")
+    return q.element_size() if hasattr(q, "element_size") else 2
+
+
 def _fwd_prune(configs, named_args, **kwargs):
-    d = {**named_args, **kwargs}["BLOCK_D"]
-    keep = [c for c in configs if _smem_ok(d, c.kwargs["BLOCK_M"], 2 * c.kwargs["BLOCK_N"], c.num_stages)
+    d, elt = {**named_args, **kwargs}["BLOCK_D"], _elt(named_args)
+    keep = [c for c in configs if _smem_ok(d, c.kwargs["BLOCK_M"], 2 * c.kwargs["BLOCK_N"], c.num_stages, elt)
             and (d < 256 or c.kwargs["BLOCK_M"] <= 64)]       # the (BLOCK_M, 256) fp32 accumulator
     return keep or configs[-1:]
 
@@ -71,10 +77,15 @@ def _bwd_configs():
 
 
 def _bwd_prune(configs, named_args, **kwargs):
-    d = {**named_args, **kwargs}["BLOCK_D"]
-    keep = [c for c in configs if _smem_ok(d, 2 * c.kwargs["BLOCK_N"], 2 * c.kwargs["BLOCK_M"], c.num_stages)
+    d, elt = {**named_args, **kwargs}["BLOCK_D"], _elt(named_args)
+    keep = [c for c in configs if _smem_ok(d, 2 * c.kwargs["BLOCK_N"], 2 * c.kwargs["BLOCK_M"], c.num_stages, elt)
             and (d < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 64)]
     return keep or configs[-1:]
+
+
+# Runtime sizes and windows are not specialised by the JIT (Triton would otherwise compile a variant per
+# "== 1" / "% 16 == 0" value of each length: a recompile of every autotune config for a new prompt length).
+_RUNTIME_INTS = ("seqlen_q", "seqlen_k", "window_left", "window_right")
 
 
 def _seq_bucket(n: int) -> int:
@@ -212,7 +223,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
 
 @triton.autotune(configs=_fwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"],
                  prune_configs_by={"early_config_prune": _fwd_prune})
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,                                # pointers
     seqlen_q, seqlen_k, group, seq_bucket,                      # sizes (dense lengths; heads per kv head)
@@ -272,7 +283,7 @@ def _attn_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=("seqlen_q",))
 def _bwd_preprocess_kernel(
     O, DO, DLSE, DELTA, CU_Q,
     seqlen_q,
@@ -341,7 +352,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_qd, strid
 
 @triton.autotune(configs=_bwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"],
                  prune_configs_by={"early_config_prune": _bwd_prune})
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     seqlen_q, seqlen_k, group, seq_bucket,
@@ -437,7 +448,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, 
 
 @triton.autotune(configs=_bwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"],
                  prune_configs_by={"early_config_prune": _bwd_prune})
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     seqlen_q, seqlen_k, group, seq_bucket,

@@ -119,9 +119,10 @@ def test_empty_rows_are_zero_not_nan():
 
 
 def test_varlen_matches_reference():
-    """Packed sequences (a length-1 one, q_len != k_len per sequence, an empty k sequence), GQA, causal."""
+    """Packed sequences (a length-1 one, q_len != k_len per sequence, an empty q and an empty k sequence),
+    GQA, causal."""
     torch.manual_seed(0)
-    lens_q, lens_k = [5, 1, 17, 3, 2], [5, 9, 17, 1, 0]
+    lens_q, lens_k = [5, 1, 17, 0, 3, 2], [5, 9, 17, 4, 1, 0]
     cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
     q = torch.randn(sum(lens_q), 4, 32, device=DEVICE)
@@ -135,12 +136,30 @@ def test_varlen_matches_reference():
 
 
 def test_varlen_equals_dense_per_sequence():
+    """Packed equal-length sequences against the reference's dense (batched) path, not its varlen loop."""
     torch.manual_seed(0)
     q, k, v = _qkv(3, 19, 19, 2, 1, 16, torch.float32)
     cu = torch.arange(0, 4 * 19, 19, dtype=torch.int32, device=DEVICE)
-    dense = flash_attention(q, k, v)
     packed = flash_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens_q=cu, cu_seqlens_k=cu)
-    torch.testing.assert_close(packed.view_as(dense), dense, rtol=0, atol=1e-6)
+    testing.assert_close("packed", packed.view_as(q), reference.attention(q, k, v),
+                         reference.attention(*testing.to_oracle((q, k, v))))
+
+
+# The CPU tests run one small config per kernel; the GPU configs also have square blocks and BLOCK_M <
+# BLOCK_N (forward) / BLOCK_M > BLOCK_N (backward), which move the block edges of the three loop phases.
+@pytest.mark.parametrize("fwd_block,bwd_block", [((16, 16), (16, 16)), ((16, 32), (32, 16))], ids=str)
+def test_other_block_shapes(monkeypatch, fwd_block, bwd_block):
+    import triton
+
+    K = fa_ops.K
+    for kernel, (bm, bn) in ((K._attn_fwd_kernel, fwd_block), (K._attn_bwd_dkdv_kernel, bwd_block),
+                             (K._attn_bwd_dq_kernel, bwd_block)):
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4,
+                                                              num_stages=1)])
+        monkeypatch.setattr(kernel, "cache", {})
+    torch.manual_seed(0)
+    check(*_qkv(1, 37, 50, 2, 1, 24, torch.float32), causal=True, window_size=(20, -1), with_lse_grad=True)
+    check(*_qkv(1, 50, 37, 2, 2, 24, torch.float32), causal=False, window_size=(5, 7))
 
 
 def test_hf_layout_strided_inputs_without_copy(monkeypatch):
@@ -332,12 +351,45 @@ def test_gpu_varlen_and_fp32(dtype):
 
 @pytest.mark.gpu
 def test_gpu_matches_sdpa_and_compiles():
+    """Compiled, on HF-layout views: as close to the fp64 oracle as bf16 SDPA (the 2x rule), grads too."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 16, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want_g = torch.autograd.grad(want, (q, k, v), dout)
     fn = torch.compile(lambda q, k, v: flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
                        fullgraph=True)
     got = fn(q, k, v).transpose(1, 2)
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-    got.sum().backward()
-    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    got_g = torch.autograd.grad(got, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    oracle = reference.attention(q64.transpose(1, 2), k64.transpose(1, 2), v64.transpose(1, 2)).transpose(1, 2)
+    oracle_g = torch.autograd.grad(oracle, (q64, k64, v64), dout.double())
+    testing.assert_close("out", got, want, oracle)
+    for name, g, w, o in zip(("dq", "dk", "dv"), got_g, want_g, oracle_g):
+        testing.assert_close(name, g, w, o)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_2_to_the_31():
+    """Varlen, 1.08M packed tokens x 16 heads x 128 > 2**31 elements: the last sequences start past int32
+    range (offsets must be int64). Sequences are independent, so the last one is checked on its own."""
+    torch.manual_seed(0)
+    n, s, h, hk, d = 4200, 256, 16, 2, 128
+    assert (n - 1) * s * h * d >= 2**31
+    cu = torch.arange(0, (n + 1) * s, s, dtype=torch.int32, device="cuda")
+    q = torch.randn(n * s, h, d, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    k, v = (torch.randn(n * s, hk, d, dtype=torch.bfloat16, device="cuda", requires_grad=True) for _ in range(2))
+    out, lse = flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s,
+                               return_lse=True)
+    dout = torch.zeros_like(out)
+    dout[-s:] = torch.randn(s, h, d, dtype=torch.bfloat16, device="cuda")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    last = [t.detach()[-s:][None] for t in (q, k, v)]
+    ours = (out.detach()[-s:][None], lse.detach()[:, -s:][None]) + tuple(g[-s:][None] for g in grads)
+    low = _run(reference.attention, *last, {}, (dout[-s:][None], None), False)
+    hi = _run(reference.attention, *testing.to_oracle(last), {}, (dout[-s:][None], None), False)
+    testing.assert_close("out", ours[0], low[0], hi[0])
+    testing.assert_close("lse", ours[1], low[1], hi[1])
+    for name, o, lo_, hi_ in zip(("dq", "dk", "dv"), ours[2:], low[2:], hi[2:]):
+        testing.assert_close(name, o, lo_, hi_)
+    assert (grads[0][:-s] == 0).all() and (grads[1][:-s] == 0).all()        # the other sequences got dout = 0
