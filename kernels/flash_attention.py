@@ -19,6 +19,7 @@ and their query blocks (so dk/dv are summed over the group in registers); a dq k
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -547,8 +548,9 @@ def check_inputs(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -1),
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or softmax_scale != softmax_scale:
-        raise ValueError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+    elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+          or not math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a (left, right) pair, got {window_size!r}")
     left, right = (_int(f"window_size[{i}]", w, -1) for i, w in enumerate(window_size))

@@ -285,6 +285,7 @@ def _cu(*vals, dtype=torch.int32):
         (((1, 4, 2, 16), (1, 4, 2, 16)), {"window_size": (-2, 0)}, ValueError, r"window_size\[0\]"),
         (((1, 4, 2, 16), (1, 4, 2, 16)), {"window_size": 3}, ValueError, "window_size must be a"),
         (((1, 4, 2, 16), (1, 4, 2, 16)), {"softmax_scale": "x"}, ValueError, "softmax_scale"),
+        (((1, 4, 2, 16), (1, 4, 2, 16)), {"softmax_scale": float("inf")}, ValueError, "softmax_scale"),
         (((1, 4, 2, 16), (1, 4, 2, 16)), {"causal": 1}, TypeError, "causal must be a bool"),
         (((4, 2, 16), (4, 2, 16)), {"cu_seqlens_q": _cu(0, 4, dtype=torch.int64), "cu_seqlens_k": _cu(0, 4)},
          TypeError, "cu_seqlens_q has dtype int64"),
