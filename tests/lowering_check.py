@@ -57,13 +57,16 @@ def fake_run(self, *args, grid=None, warmup=False, **kwargs):
     bound.apply_defaults()
     signature, constexprs, attrs = {}, {}, {}
     for i, (param, (name, value)) in enumerate(zip(self.params, bound.arguments.items())):
-        if param.is_constexpr or value is None:
-            signature[name] = "constexpr"
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if param.is_constexpr or value is None or (is_int and value == 1 and not param.do_not_specialize):
+            signature[name] = "constexpr"  # Triton specialises an int argument equal to 1 into a constant
             constexprs[name] = value
-        else:
-            signature[name] = _arg_type(value)
-            if isinstance(value, torch.Tensor):
-                attrs[(i,)] = [["tt.divisibility", 16]]
+            continue
+        signature[name] = _arg_type(value)
+        # Triton's alignment specialisation: pointers (and ints) divisible by 16 -> vectorised, pipelined loads
+        aligned = value.data_ptr() % 16 == 0 if isinstance(value, torch.Tensor) else is_int and value % 16 == 0
+        if aligned and not param.do_not_specialize and not param.do_not_specialize_on_alignment:
+            attrs[(i,)] = [["tt.divisibility", 16]]
     key = (self.fn.__name__, tuple(signature.items()), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
            tuple(sorted(options.items())))
     if key in compiled:
