@@ -20,20 +20,15 @@ and their query blocks (so dk/dv are summed over the group in registers); a dq k
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 # --------------------------------------------------------------------------------------- autotune configs
@@ -44,7 +39,7 @@ def _smem_ok(block_d: int, resident: int, pipelined: int, stages: int, elt: int 
 
 def _fwd_configs():
     """Forward: BLOCK_M queries x BLOCK_N keys. One small config under the interpreter."""
-    if _interpreting():
+    if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
@@ -68,7 +63,7 @@ def _fwd_prune(configs, named_args, **kwargs):
 
 def _bwd_configs():
     """dk/dv (BLOCK_N keys resident, loop over BLOCK_M queries) and dq (BLOCK_M queries resident)."""
-    if _interpreting():
+    if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in ((32, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 3), (64, 64, 4, 2), (64, 64, 8, 3),
@@ -658,7 +653,7 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max
     cu_q, cu_k = (cu_seqlens_q, cu_seqlens_k) if varlen else (q, q)
     block_d = max(triton.next_power_of_2(head_dim), 16)
     lse_strides = _lse_strides(q, varlen)
-    pre_block = 16 if _interpreting() else 64
+    pre_block = 16 if interpreting() else 64
     _bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, pre_block), heads, n_seqs)](
         out, dout, dlse if dlse is not None else lse, delta, cu_q,
         seqlen_q, *_strides4(out, varlen), *_strides4(dout, varlen), *lse_strides,
