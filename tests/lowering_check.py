@@ -70,7 +70,7 @@ def fake_run(self, *args, grid=None, warmup=False, **kwargs):
     key = (self.fn.__name__, tuple(signature.items()), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
            tuple(sorted(options.items())))
     if key in compiled:
-        return None
+        return compiled[key]
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -82,20 +82,32 @@ def fake_run(self, *args, grid=None, warmup=False, **kwargs):
     compiled[key] = shared
     consts = ", ".join(f"{k}={v}" for k, v in constexprs.items() if v is not None)
     print(f"  compiled {self.fn.__name__}[{consts}] {options} shared={shared}"
-          + (" (over the limit: the autotuner prunes it)" if shared > MAX_SHARED else ""))
-    return None
+          + (" (over the limit: fails to launch; the autotuner skips it)" if shared > MAX_SHARED else ""))
+    return shared
 
 
 def fake_autotune_run(self, *args, **kwargs):
-    """Stand-in for Autotuner.run: compile the kernel once per config instead of benchmarking."""
+    """Stand-in for Autotuner.run: apply the autotuner's early prune, then compile the kernel once per
+    remaining config instead of benchmarking. Fails when the prune leaves nothing, or when every config
+    needs more shared memory than an H100 has (the op could not launch at all)."""
     global autotuned_depth
+    configs = self.configs
+    if getattr(self, "early_config_prune", None):
+        configs = self.early_config_prune(configs, {**dict(zip(self.arg_names, args)), **kwargs}, **kwargs)
+    name = getattr(self.base_fn, "__name__", "kernel")
+    if not configs:
+        raise RuntimeError(f"{name}: the autotuner's early prune left no config for these arguments")
+    chosen = configs if all_configs else configs[:1]
     autotuned_depth += 1
     try:
-        for config in self.configs if all_configs else self.configs[:1]:
-            self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+        shared = [self.fn.run(*args, **{**kwargs, **config.all_kwargs()}) for config in chosen]
     finally:
         autotuned_depth -= 1
-    self.best_config = self.configs[0]  # launchers may read the chosen config
+    fits = [c for c, smem in zip(chosen, shared) if smem is None or smem <= MAX_SHARED]
+    if all_configs and not fits:
+        raise RuntimeError(f"{name}: every autotune config needs more shared memory than an H100 has: {shared}")
+    self.best_config = (fits or chosen)[0]  # launchers may read the chosen config
+    return None
 
 
 def install() -> None:

@@ -4,6 +4,7 @@ custom ops (opcheck, torch.compile), dispatch, determinism and bad input. bf16 a
 import pytest
 import torch
 
+import lowering_check
 from conftest import DEVICE, DTYPES
 from llama_triton import reference, testing
 from llama_triton.ops import flash_attention as fa_ops
@@ -394,3 +395,37 @@ def test_gpu_offsets_past_2_to_the_31():
     for name, o, lo_, hi_ in zip(("dq", "dk", "dv"), ours[2:], low[2:], hi[2:]):
         testing.assert_close(name, o, lo_, hi_)
     assert (grads[0][:-s] == 0).all() and (grads[1][:-s] == 0).all()        # the other sequences got dout = 0
+
+
+# ------------------------------------------------------------------- GPU compile check without a GPU
+# tests/test_lowering.py compiles the registry's flash shapes (head_dim 16). This compiles the head dims
+# a model uses with the same interceptor (tests/lowering_check.py): every autotune config that survives
+# the prune for head_dim 128 and 256 (forward and both backward kernels; 256 is the shared-memory edge),
+# the first config for 64/80/96, and window + varlen at 128.
+_LOWERING = r"""
+import torch
+from llama_triton import flash_attention
+
+def run(q, k, v, **kw):
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    flash_attention(q, k, v, **kw).sum().backward()
+
+for d, every in ((128, True), (256, True), (64, False), (80, False), (96, False)):
+    L.all_configs = every
+    run(torch.randn(2, 200, 4, d, dtype=torch.bfloat16), torch.randn(2, 200, 2, d, dtype=torch.bfloat16),
+        torch.randn(2, 200, 2, d, dtype=torch.bfloat16), causal=True)
+L.all_configs = False
+cu = torch.tensor([0, 100, 300], dtype=torch.int32)
+run(torch.randn(300, 4, 128, dtype=torch.bfloat16), torch.randn(300, 2, 128, dtype=torch.bfloat16),
+    torch.randn(300, 2, 128, dtype=torch.bfloat16), causal=True, window_size=(64, 0), cu_seqlens_q=cu,
+    cu_seqlens_k=cu, max_seqlen_q=200, max_seqlen_k=200)
+print("LOWERING OK", len(L.compiled))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
+def test_model_head_dims_lower_to_sm90_without_a_gpu():
+    stdout = lowering_check.run_snippet(_LOWERING)
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        assert f"compiled {name}" in stdout and "HEAD_DIM=256" in stdout, stdout
+    assert "IS_VARLEN=True" in stdout and "HAS_LEFT=True" in stdout, stdout
