@@ -53,3 +53,25 @@ def interpreting() -> bool:
     autotune config there. Key GPU-vs-interpreter choices on this, not on the tensor's device, so that
     tests/lowering_check.py (CPU tensors, no interpreter) compiles the GPU choices."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_residual(residual, x):
+    """A residual stream added to x must be a float tensor of x's shape and dtype (None passes)."""
+    if residual is None:
+        return
+    check_tensor("residual", residual, FLOAT_DTYPES)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}; they must match")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
+
+
+def check_eps(eps):
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+def rows_view(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (rows, N) with a contiguous last dim (copies only when it has to)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()

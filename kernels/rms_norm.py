@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, num_programs_hint, num_warps_for
+from ._checks import (FLOAT_DTYPES, check_eps, check_residual, check_same_device, check_tensor, num_programs_hint,
+                      num_warps_for, rows_view)
 
 MAX_HIDDEN = 65536  # one row lives in registers; beyond this the single-pass kernel would spill
 
@@ -91,34 +92,22 @@ def check_inputs(x, weight, residual=None, eps=1e-6):
     """Validate the arguments of rms_norm (any leading shape); raises TypeError/ValueError naming them."""
     check_tensor("x", x, FLOAT_DTYPES, min_ndim=1)
     check_tensor("weight", weight, FLOAT_DTYPES, ndim=1)
-    if residual is not None:
-        check_tensor("residual", residual, FLOAT_DTYPES)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}; they must match")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
+    check_residual(residual, x)
     check_same_device(x=x, weight=weight, residual=residual)
     hidden = x.shape[-1]
     if weight.shape[0] != hidden:
         raise ValueError(f"weight has shape {tuple(weight.shape)} but x's last dim is {hidden}; they must match")
     if hidden < 1 or hidden > MAX_HIDDEN:
         raise ValueError(f"x's last dim (hidden size) must be in [1, {MAX_HIDDEN}], got {hidden}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-
-
-def _rows_view(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (rows, N) with a contiguous last dim (copies only when it has to)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    check_eps(eps)
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """x, residual (M, N); weight (N,) -> y (M, N) in promote(x, weight) dtype, res_out (M, N) or None,
     rstd (M,) fp32."""
     check_inputs(x, weight, residual, eps)
-    x = _rows_view(x)
-    residual = _rows_view(residual) if residual is not None else None
+    x = rows_view(x)
+    residual = rows_view(residual) if residual is not None else None
     M, N = x.shape
     y = torch.empty((M, N), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
@@ -142,8 +131,8 @@ def rms_norm_bwd(dy, x, weight, rstd, dres=None):
     """dy (M, N), x (M, N) the normalised input (the summed residual stream when fused), weight (N,),
     rstd (M,) fp32, dres (M, N) or None: the gradient of the returned residual.
     -> dx (M, N) in x's dtype (also the residual's gradient when fused), dw (N,) in weight's dtype."""
-    dy, x = _rows_view(dy), _rows_view(x)
-    dres = _rows_view(dres) if dres is not None else None
+    dy, x = rows_view(dy), rows_view(x)
+    dres = rows_view(dres) if dres is not None else None
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
+from ._checks import (FLOAT_DTYPES, check_eps, check_residual, check_same_device, check_tensor, interpreting,
+                      rows_view)
 
 
 def _configs():
@@ -121,12 +122,7 @@ def check_inputs(x, norm_weight, weight, eps=1e-6, residual=None):
     check_tensor("weight", weight, FLOAT_DTYPES, ndim=2)
     if norm_weight is not None:
         check_tensor("norm_weight", norm_weight, FLOAT_DTYPES, ndim=1)
-    if residual is not None:
-        check_tensor("residual", residual, FLOAT_DTYPES)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}; they must match")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
+    check_residual(residual, x)
     check_same_device(x=x, weight=weight, norm_weight=norm_weight, residual=residual)
     if weight.dtype != x.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
@@ -137,13 +133,7 @@ def check_inputs(x, norm_weight, weight, eps=1e-6, residual=None):
         raise ValueError(f"weight has shape {tuple(weight.shape)} but x's last dim is {K}: it must be (N, {K})")
     if norm_weight is not None and norm_weight.shape[0] != K:
         raise ValueError(f"norm_weight has shape {tuple(norm_weight.shape)} but x's last dim is {K}; they must match")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-
-
-def _rows_view(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    check_eps(eps)
 
 
 def fold_norm_weight(norm_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -157,8 +147,8 @@ def rms_norm_matmul_fwd(x, norm_weight, weight, eps, residual=None):
     """x (M, K), norm_weight (K,) or None, weight (N, K), residual (M, K) or None -> y (M, N) in x's dtype,
     res_out (M, K) (= residual + x) or None."""
     check_inputs(x, norm_weight, weight, eps, residual)
-    x = _rows_view(x)
-    residual = _rows_view(residual) if residual is not None else None
+    x = rows_view(x)
+    residual = rows_view(residual) if residual is not None else None
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
