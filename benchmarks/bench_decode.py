@@ -20,8 +20,6 @@ percent of the device copy bandwidth measured in this run, and the speed-up over
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -153,27 +151,15 @@ def main(argv=None) -> int:
         print("No CUDA device: the decode benchmark needs a GPU (interpreter timings are not performance "
               "figures); nothing written.")
         return 0
-    import triton
-
-    from llama_triton.bench import RESULTS_DIR, _do_bench, gpu_slug, measure_copy_bandwidth
+    from llama_triton.bench import _do_bench, environment, measure_copy_bandwidth, write_results
 
     copy_gbps = measure_copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s")
     rows = []
     for b in args.batch:
         rows += bench_batch(b, sorted(args.contexts), copy_gbps, _do_bench, compile_torch=not args.no_compile)
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps, "max_seqlen": max(args.contexts),
-              "rows": rows}
-    out_dir = Path(args.out) if args.out else RESULTS_DIR / gpu_slug()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "decode_attention.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "decode_attention.md").write_text(to_markdown(result))
-    try:
-        plot(result, out_dir / "decode_attention.png")
-    except ImportError:
-        print("matplotlib not installed: no plot written")
-    print(f"wrote {out_dir}/decode_attention.json, .md, .png")
+    result = {**environment(), "copy_gbps": copy_gbps, "max_seqlen": max(args.contexts), "rows": rows}
+    write_results(result, "decode_attention", to_markdown(result), args.out, plot)
     return 0
 
 

@@ -15,9 +15,7 @@ Without CUDA it prints that interpreter timings are not performance figures and 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,8 +41,6 @@ def run(out_dir: Path | None, quick: bool) -> int:
     if not torch.cuda.is_available():
         print("No CUDA device: Triton-interpreter timings are not performance figures; nothing written.")
         return 0
-    import triton
-
     from llama_triton import bench, quant, reference
     from llama_triton.kernels.quant_gemm import chosen_config
     from llama_triton.ops.quant_matmul import quant_matmul
@@ -83,17 +79,8 @@ def run(out_dir: Path | None, quick: bool) -> int:
                 print(f"  K={K:5d} N={N:5d} M={M:5d} {vname:10s} ours {ours_ms:.4f} ms  bf16 {bf16_ms:.4f} ms  "
                       f"x{speedup:.2f}  {gbps:6.0f} GB/s ({pct_copy:4.0f}% copy)  {tflops:6.1f} TFLOP/s  "
                       f"{row['config']}  {target} {'' if met is None else ('MET' if met else 'MISSED')}")
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps, "mm_tflops": mm_tflops, "rows": rows}
-    out_dir = Path(out_dir) if out_dir else bench.RESULTS_DIR / bench.gpu_slug()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "quant.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "quant.md").write_text(to_markdown(result))
-    try:
-        plot(result, out_dir / "quant.png")
-    except ImportError:
-        print("matplotlib not installed: no plot written")
-    print(f"wrote {out_dir}/quant.json, .md, .png")
+    result = {**bench.environment(), "copy_gbps": copy_gbps, "mm_tflops": mm_tflops, "rows": rows}
+    bench.write_results(result, "quant", to_markdown(result), out_dir, plot)
     return 0
 
 

@@ -140,8 +140,6 @@ def run(op: str | None = None, out_dir: Path | None = None, dtype=torch.bfloat16
             spec.fn(*spec.make_inputs(shape, torch.float32, "cpu"))
             print(f"  {spec.name:24s} {spec.label(shape):30s} ok ({time.perf_counter() - t0:.2f}s, interpreter)")
         return 0
-    import triton
-
     copy_gbps, mm_tflops = measure_copy_bandwidth(), measure_matmul_tflops()
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s, bf16 mm {mm_tflops:.0f} TFLOP/s")
     rows = []
@@ -152,16 +150,32 @@ def run(op: str | None = None, out_dir: Path | None = None, dtype=torch.bfloat16
                 print(f"  {row['op']:18s} {row['mode']:3s} {spec.label(shape):28s} ours {row['ms']['ours']:.4f} ms "
                       f"{row['gbps']:7.0f} GB/s {row['pct_roofline']:5.1f}%  x{row['speedup_vs_eager']:.2f} eager "
                       f"x{row['speedup_vs_compile']:.2f} compile")
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_gbps, "mm_tflops": mm_tflops, "rows": rows}
+    result = {**environment(), "copy_gbps": copy_gbps, "mm_tflops": mm_tflops, "rows": rows}
+    write_results(result, f"ops-{op}" if op else "ops", to_markdown(result), out_dir, plot)
+    return 0
+
+
+def environment() -> dict:
+    """Provenance for every result file: the GPU, torch and triton versions, the date."""
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def write_results(result: dict, stem: str, markdown: str, out_dir=None, plot_fn=None) -> Path:
+    """Write ``<stem>.json``, ``<stem>.md`` and (with ``plot_fn(result, path)`` and matplotlib) ``<stem>.png``
+    under ``out_dir`` (default ``benchmarks/results/<gpu-name>/``); returns the directory."""
     out_dir = Path(out_dir) if out_dir else RESULTS_DIR / gpu_slug()
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"ops-{op}" if op else "ops"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out_dir / f"{stem}.md").write_text(to_markdown(result))
-    try:
-        plot(result, out_dir / f"{stem}.png")
-    except ImportError:
-        print("matplotlib not installed (pip install -e .[plot]): no plot written")
-    print(f"wrote {out_dir}/{stem}.json, .md, .png")
-    return 0
+    (out_dir / f"{stem}.md").write_text(markdown)
+    written = [f"{stem}.json", f"{stem}.md"]
+    if plot_fn is not None:
+        try:
+            plot_fn(result, out_dir / f"{stem}.png")
+            written.append(f"{stem}.png")
+        except ImportError:
+            print("matplotlib not installed (pip install -e .[plot]): no plot written")
+    print(f"wrote {', '.join(written)} in {out_dir}")
+    return out_dir
