@@ -58,6 +58,17 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
+def _init_parameters(model: nn.Module, normal_) -> None:
+    """HF's init rule: norm weights 1, biases 0, every other parameter drawn by ``normal_(p)`` in place."""
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            normal_(p)
+
+
 class LlamaForCausalLM(nn.Module):
     """LLaMA-family causal LM (Llama 2/3/3.1/3.2, Mistral, Qwen2 configurations) over our Triton layers."""
 
@@ -79,13 +90,7 @@ class LlamaForCausalLM(nn.Module):
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "LlamaForCausalLM":
         """Deterministic random weights (HF's init: normal(0, std), zero biases, unit norms); returns self."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        _init_parameters(self, lambda p: p.copy_(torch.randn(p.shape, generator=gen) * std))
         return self
 
     @classmethod
@@ -101,13 +106,7 @@ class LlamaForCausalLM(nn.Module):
         model = model.to(dtype=dtype).to_empty(device=device)
         model.tie_weights()
         gen = torch.Generator(device=device).manual_seed(seed)
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std, generator=gen)
+        _init_parameters(model, lambda p: p.normal_(0.0, std, generator=gen))
         model.model.reset_rotary(device)
         return model.eval()
 

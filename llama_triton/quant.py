@@ -286,6 +286,15 @@ def _finish_zeros(zeros: torch.Tensor, bits: int):
     return zeros.to(zeros_dtype(bits))
 
 
+def _check_packed_tensors(qweight, qzeros, scales) -> None:
+    """GPTQ/AWQ checkpoint tensors: int32 2-D qweight and qzeros, floating 2-D scales (TypeError otherwise)."""
+    for name, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 2:
+            raise TypeError(f"{name} must be a 2-D int32 tensor")
+    if not isinstance(scales, torch.Tensor) or not scales.is_floating_point() or scales.dim() != 2:
+        raise TypeError("scales must be a 2-D floating-point tensor (K // group_size, N)")
+
+
 def import_gptq(qweight, qzeros, scales, g_idx=None, bits: int = 4, group_size: int | None = None,
                 checkpoint_format: str = "gptq") -> QuantizedWeight:
     """A GPTQ linear (AutoGPTQ / GPTQModel tensors) -> QuantizedWeight (format in the module docstring).
@@ -296,11 +305,7 @@ def import_gptq(qweight, qzeros, scales, g_idx=None, bits: int = 4, group_size: 
     pack = _check_bits(bits)
     if checkpoint_format not in ("gptq", "gptq_v2"):
         raise ValueError(f"checkpoint_format must be 'gptq' (v1) or 'gptq_v2', got {checkpoint_format!r}")
-    for name, t in (("qweight", qweight), ("qzeros", qzeros)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 2:
-            raise TypeError(f"{name} must be a 2-D int32 tensor")
-    if not isinstance(scales, torch.Tensor) or not scales.is_floating_point() or scales.dim() != 2:
-        raise TypeError("scales must be a 2-D floating-point tensor (K // group_size, N)")
+    _check_packed_tensors(qweight, qzeros, scales)
     K, N = qweight.shape[0] * pack, qweight.shape[1]
     group_size = _infer_group_size(K, scales, group_size)
     check_group_size(group_size, K)
@@ -325,11 +330,7 @@ def import_awq(qweight, qzeros, scales, bits: int = 4, group_size: int | None = 
     along N in AWQ's order (module docstring); scales (G, N). Re-packed along K."""
     if bits != 4:
         raise ValueError(f"AWQ checkpoints are 4-bit; bits must be 4, got {bits!r}")
-    for name, t in (("qweight", qweight), ("qzeros", qzeros)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 2:
-            raise TypeError(f"{name} must be a 2-D int32 tensor")
-    if not isinstance(scales, torch.Tensor) or not scales.is_floating_point() or scales.dim() != 2:
-        raise TypeError("scales must be a 2-D floating-point tensor (K // group_size, N)")
+    _check_packed_tensors(qweight, qzeros, scales)
     K, N = qweight.shape[0], qweight.shape[1] * 8
     if K % 8:
         raise ValueError(f"qweight has {K} rows (in_features); it must be a multiple of 8")
