@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 VENV=${LLAMA_TRITON_VENV:-.venv}
 EXTRAS=${1:-hf}
 if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating the virtualenv $VENV" >&2
     python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
@@ -18,7 +19,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "setup: installing torch==2.13.0 (CPU wheel; a few minutes the first time)" >&2
     "$PY" -m pip install -q torch==2.13.0
 fi
+echo "setup: installing llama-triton and its dependencies ($EXTRAS), editable" >&2
 "$PY" -m pip install -q -e ".[$EXTRAS]"
+echo "setup: done" >&2
 echo "$want" > "$stamp"
