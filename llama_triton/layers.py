@@ -466,3 +466,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={self.bits}, group_size={self.group_size}, sym={self.sym}, act_order={self.act_order}")
+
+
+from .low_rank_linear import LowRankLinear  # noqa: E402,F401  (issue 18: its own file)

@@ -179,3 +179,10 @@ def quant_matmul(x: torch.Tensor, qweight) -> torch.Tensor:
     from .quant import dequantize
 
     return x @ dequantize(qweight, x.dtype).t()
+
+
+# ------------------------------------------------------------------------------------ low-rank matmul
+def low_rank_matmul(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two matmuls, ``(x @ a.T) @ b.T``: x (..., K), a (r, K), b (N, r) -> (..., N), the intermediate
+    (..., r) rounded to x's dtype (plain PyTorch's low-rank linear; fp64 in gives the oracle)."""
+    return (x @ a.t()) @ b.t()

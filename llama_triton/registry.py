@@ -444,6 +444,48 @@ for _name, _causal in (("flash_attention", True), ("flash_attention_noncausal", 
         config=_fa_config,
     ))
 
+
+# ------------------------------------------------------------------------------- low-rank matmul (issue 18)
+def _low_rank_inputs(shape, dtype, device):
+    """x (M, K), a (r, K), b (N, r): factors scaled so that y has O(1) entries."""
+    M, K, N, r = shape["M"], shape["K"], shape["N"], shape["rank"]
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    a = (torch.randn(r, K, device=device) * K ** -0.5).to(dtype)
+    b = (torch.randn(N, r, device=device) * r ** -0.5).to(dtype)
+    return x, a, b
+
+
+def _low_rank_fn(x, a, b):
+    from .ops.low_rank import low_rank_matmul
+
+    return low_rank_matmul(x, a, b)
+
+
+def _low_rank_config(shape, dtype):
+    from .kernels.low_rank import chosen_config
+
+    return chosen_config()
+
+
+REGISTRY.append(OpSpec(
+    name="low_rank_matmul",
+    fn=_low_rank_fn,
+    reference=reference.low_rank_matmul,
+    make_inputs=_low_rank_inputs,
+    flops=lambda s: 2 * s["M"] * s["rank"] * (s["K"] + s["N"]) if s["M"] > 16 else 0,  # decode: % of bandwidth
+    bytes=lambda s, dt, mode: (s["rank"] * (s["K"] + s["N"]) + s["M"] * (s["K"] + s["N"])) * _elt(dt),
+    # M in {1, 3, 16, 17, 128}, odd ranks (one below, one above a BLOCK_R chunk), N/K not tile multiples
+    test_shapes=[{"M": 1, "K": 48, "N": 40, "rank": 5}, {"M": 3, "K": 64, "N": 33, "rank": 13},
+                 {"M": 16, "K": 40, "N": 72, "rank": 17}, {"M": 17, "K": 96, "N": 50, "rank": 33},
+                 {"M": 128, "K": 64, "N": 48, "rank": 7}],
+    bench_shapes=[{"M": m, "K": 4096, "N": n, "rank": r} for n in (4096, 14336) for r in (256, 1024)
+                  for m in (1, 16, 1024)],
+    grad_inputs=(0, 1, 2),
+    description="(x @ A.T) @ B.T in one launch, rank-r intermediate on chip (low-rank linear, decode)",
+    config=_low_rank_config,
+))
+
+
 def get(name: str) -> OpSpec:
     for spec in REGISTRY:
         if spec.name == name:
