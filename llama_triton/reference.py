@@ -133,28 +133,59 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- cross-entropy
-def cross_entropy(logits, labels, ignore_index: int = -100, reduction: str = "mean"):
+def cross_entropy(logits, labels, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                  lse_square_scale: float = 0.0, softcap=None, weight=None, return_z_loss: bool = False):
     """Token-level cross-entropy in fp32 math (fp64 for fp64 input), as HF's loss (logits.float()).
 
     logits (..., V), labels (...) integer; labels == ignore_index contribute 0. reduction "mean" divides by
     the number of non-ignored labels (0 when all are ignored, not NaN), "sum", or "none" (labels' shape).
+
+    Options (F.cross_entropy's and Liger-Kernel's; per non-ignored token, x = logits in fp32):
+        softcap c: x = c * tanh(x / c) first (Gemma-2 final-logit soft-capping).
+        weight (V,): class weights w; ce = w[y] * (lse - x[y]); "mean" divides by sum(w[y]) over tokens.
+        label_smoothing eps: ce = (1 - eps) * ce + eps / V * sum_c w[c] * (lse - x[c])  (F.cross_entropy).
+        lse_square_scale s: z = s * lse**2 (PaLM's z-loss) is added to each token's loss; "mean" divides the
+            z part by the token count (not by the weights). return_z_loss: also return z, reduced the same
+            way (no gradient: it is already in the loss).
     """
-    lf = logits.reshape(-1, logits.shape[-1]).to(_compute_dtype(logits.dtype))   # (N, V)
+    ct = _compute_dtype(logits.dtype)
+    lf = logits.reshape(-1, logits.shape[-1]).to(ct)                                # (N, V)
+    if softcap is not None:
+        lf = softcap * torch.tanh(lf / softcap)
     lab = labels.reshape(-1)
     valid = lab != ignore_index
+    safe = torch.where(valid, lab, 0).long()
     lse = torch.logsumexp(lf, dim=-1)                                               # (N,)
-    picked = lf.gather(1, torch.where(valid, lab, 0).long()[:, None])[:, 0]
-    losses = torch.where(valid, lse - picked, torch.zeros_like(lse))
+    w = weight.to(ct) if weight is not None else None
+    picked = lf.gather(1, safe[:, None])[:, 0]
+    w_y = w[safe] if w is not None else torch.ones_like(lse)
+    ce = w_y * (lse - picked)
+    if label_smoothing:
+        per_class = lse[:, None] - lf                                               # (N, V)
+        smooth = (per_class * w).sum(-1) if w is not None else per_class.sum(-1)
+        ce = (1 - label_smoothing) * ce + label_smoothing / lf.shape[-1] * smooth
+    zero = torch.zeros_like(lse)
+    ce = torch.where(valid, ce, zero)
+    z = torch.where(valid, lse_square_scale * lse * lse, zero)
+    count = valid.sum().to(ct)
     if reduction == "none":
-        return losses.reshape(labels.shape)
-    if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / valid.sum().clamp_min(1)
+        loss, zr = (ce + z).reshape(labels.shape), z.reshape(labels.shape)
+    elif reduction == "sum":
+        loss, zr = ce.sum() + z.sum(), z.sum()
+    else:
+        denom = torch.where(valid, w_y, zero).sum()
+        zr = z.sum() / count.clamp_min(1)
+        loss = ce.sum() / torch.where(denom == 0, torch.ones_like(denom), denom) + zr
+    return (loss, zr.detach()) if return_z_loss else loss
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean"):
-    """cross_entropy(hidden @ weight.T, labels): hidden (..., H), weight (V, H); logits in the input dtype."""
-    return cross_entropy(hidden @ weight.T, labels, ignore_index, reduction)
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "mean",
+                               bias=None, ce_weight=None, **options):
+    """cross_entropy(hidden @ weight.T + bias, labels): hidden (..., H), weight (V, H), bias (V,) or None;
+    logits in the input dtype. ``ce_weight``: the class weights (cross_entropy's ``weight``); ``options``:
+    cross_entropy's label_smoothing, lse_square_scale, softcap, return_z_loss."""
+    logits = hidden @ weight.T if bias is None else torch.nn.functional.linear(hidden, weight, bias)
+    return cross_entropy(logits, labels, ignore_index, reduction, weight=ce_weight, **options)
 
 
 # ---------------------------------------------------------------------------------- RMSNorm + matmul
@@ -186,3 +217,51 @@ def low_rank_matmul(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
     """Two matmuls, ``(x @ a.T) @ b.T``: x (..., K), a (r, K), b (N, r) -> (..., N), the intermediate
     (..., r) rounded to x's dtype (plain PyTorch's low-rank linear; fp64 in gives the oracle)."""
     return (x @ a.t()) @ b.t()
+
+
+# ------------------------------------------------------------------------------------ mixture of experts
+def moe_experts(x, gate_up_proj, down_proj, topk_ids, topk_weights):
+    """transformers 5's experts loop (``MixtralExperts.forward``): for each expert e, the rows routed to it
+    get ``down_proj[e] @ (silu(gate) * up)`` with ``gate, up = (gate_up_proj[e] @ x).chunk(2)``, times their
+    routing weight; the top-k contributions are summed per token in fp32 (fp64 for fp64 input).
+
+    x (T, H); gate_up_proj (E, 2I, H); down_proj (E, H, I); topk_ids (T, top_k) int; topk_weights (T, top_k).
+    -> (T, H) in x's dtype. The matmuls and SwiGLU run in x's dtype, as in transformers.
+    """
+    ct = _compute_dtype(x.dtype)
+    out = torch.zeros(x.shape, dtype=ct, device=x.device)
+    for e in range(gate_up_proj.shape[0]):
+        tok, slot = torch.where(topk_ids == e)
+        if tok.numel() == 0:
+            continue
+        gate, up = torch.nn.functional.linear(x[tok], gate_up_proj[e]).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down_proj[e])
+        out = out.index_add(0, tok, y.to(ct) * topk_weights[tok, slot, None].to(ct))
+    return out.to(x.dtype)
+
+
+def moe_load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None):
+    """transformers' ``load_balancing_loss_func`` (Switch Transformer eq. 4-6) over a tuple of per-layer router
+    logits ``(tokens, E)``: ``E * sum_e f_e * P_e`` with f_e the fraction of top-k assignments to expert e and
+    P_e its mean router probability, both over all layers' tokens (padding excluded when ``attention_mask``
+    (batch, seq) is given). fp32 scalar."""
+    if isinstance(router_logits, torch.Tensor):
+        router_logits = (router_logits,)
+    dev = router_logits[0].device
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=dev)
+    probs_sum = torch.zeros(num_experts, dtype=torch.float32, device=dev)
+    rows = 0.0
+    mask = None if attention_mask is None else attention_mask.reshape(-1).to(device=dev, dtype=torch.float32)
+    for logits in router_logits:
+        probs = torch.softmax(logits.to(dev).float(), dim=-1)
+        _, sel = torch.topk(probs, top_k, dim=-1)
+        if mask is None:
+            counts = counts + torch.nn.functional.one_hot(sel.reshape(-1), num_experts).float().sum(0)
+            probs_sum = probs_sum + probs.sum(0)
+            rows = rows + probs.shape[0]
+        else:
+            counts = counts + torch.zeros(num_experts, dtype=torch.float32, device=dev).scatter_add_(
+                0, sel.reshape(-1), mask.repeat_interleave(top_k))
+            probs_sum = probs_sum + (probs * mask[:, None]).sum(0)
+            rows = rows + mask.sum()
+    return torch.sum((counts / rows) * (probs_sum / rows)) * num_experts
