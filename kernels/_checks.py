@@ -75,3 +75,23 @@ def rows_view(t: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (rows, N) with a contiguous last dim (copies only when it has to)."""
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+_CPU_VALUE_CHECKS = [0]     # nesting depth of cpu_value_check() regions (profiling.count_kernels reads it)
+
+
+class cpu_value_check:
+    """``with cpu_value_check(): ...`` marks a check of tensor *values* that only runs on the CPU (where it is
+    free), e.g. ``int(positions.max())``: ``llama_triton.profiling.count_kernels`` reports its ops and syncs
+    as ``checks``, apart from the launches and syncs a GPU run also does."""
+
+    def __enter__(self):
+        _CPU_VALUE_CHECKS[0] += 1
+
+    def __exit__(self, *exc):
+        _CPU_VALUE_CHECKS[0] -= 1
+        return False
+
+
+def in_cpu_value_check() -> bool:
+    return _CPU_VALUE_CHECKS[0] > 0

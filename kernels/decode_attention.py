@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, num_programs_hint
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, cpu_value_check, num_programs_hint
 
 MAX_Q_LEN = 16        # decode / speculative decoding; longer chunks belong to flash attention (prefill)
 MAX_HEAD_DIM = 256
@@ -214,7 +214,11 @@ def check_seqlens_values(cache_seqlens: torch.Tensor, max_seqlen: int) -> None:
     on_cpu = cache_seqlens.device.type == "cpu"
     if (not on_cpu and os.environ.get("LLAMA_TRITON_CHECK_SEQLENS", "0") != "1") or cache_seqlens.numel() == 0:
         return
-    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if on_cpu:
+        with cpu_value_check():
+            lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    else:
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
     if lo < 0 or hi > max_seqlen:
         raise ValueError(f"cache_seqlens must be in [0, max_seqlen={max_seqlen}] (k_cache dim 1), got values in "
                          f"[{lo}, {hi}]")

@@ -127,6 +127,9 @@ def cmd_profile(args) -> int:
     from . import profiling
 
     model = _load_model(args)
+    if args.count:                            # launches and host syncs of one decode step, per layer
+        profiling.print_counts(profiling.count_decode_step(model, batch=args.batch, prompt_len=args.prompt_len))
+        return 0
     profiling.run(model, batch=args.batch, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
                   trace=args.trace)
     return 0
@@ -177,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompt-len", type=int, default=128)
     pr.add_argument("--decode-steps", type=int, default=8)
     pr.add_argument("--trace", default="profile_trace.json", help="Chrome trace output path")
+    pr.add_argument("--count", action="store_true", help="count kernel launches and host syncs of one decode step "
+                    "per layer instead (any device)")
     pr.set_defaults(func=cmd_profile)
     return p
 
