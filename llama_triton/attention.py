@@ -24,9 +24,20 @@ def window_size(sliding_window: int | None, causal: bool = True) -> tuple[int, i
     return (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
 
 
-def causal_attention(q, k, v, softmax_scale=None, sliding_window=None):
-    """q (b, s, h, d), k/v (b, s, h_kv, d) -> (b, s, h, d): causal (bottom-right) attention, GQA, window."""
-    return flash_attention(q, k, v, causal=True, softmax_scale=softmax_scale, window_size=window_size(sliding_window))
+def causal_attention(q, k, v, softmax_scale=None, sliding_window=None, cu_seqlens=None, max_seqlen=None):
+    """q (b, s, h, d), k/v (b, s, h_kv, d) -> (b, s, h, d): causal (bottom-right) attention, GQA, window.
+
+    ``cu_seqlens`` int32 (n + 1,): the b*s tokens are n packed documents (offsets into the flattened
+    tokens), each attending only to itself (varlen flash attention); ``max_seqlen`` its longest."""
+    if cu_seqlens is None:
+        return flash_attention(q, k, v, causal=True, softmax_scale=softmax_scale,
+                               window_size=window_size(sliding_window))
+    b, s, h, d = q.shape
+    out = flash_attention(q.reshape(b * s, h, d), k.reshape(b * s, -1, d), v.reshape(b * s, -1, d), causal=True,
+                          softmax_scale=softmax_scale, window_size=window_size(sliding_window),
+                          cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                          max_seqlen_k=max_seqlen)
+    return out.view(b, s, h, d)
 
 
 def cached_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, sliding_window=None):
@@ -82,10 +93,12 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
     """transformers AttentionInterface function: query (b, h, sq, d), key/value (b, h_kv, sk, d) ->
     (out (b, sq, h, d), None).
 
-    attention_mask is what the registered mask function gives (HF's flash-attention convention): None (no
-    padding: plain causal) or a 2D bool (b, n) padding mask over the n seen + new tokens, n <= sk (n < sk with
-    a StaticCache). With padding, q/k/v are unpadded and run as varlen flash attention, causal bottom-right
-    per sequence. A 4D mask (someone else's, e.g. a custom one) runs a plain-torch masked attention.
+    attention_mask is what the registered mask function (``hf.attention_mask``) gives: None (no padding:
+    plain causal), a 2D bool (b, n) padding mask over the n seen + new tokens, n <= sk (n < sk with a
+    StaticCache), or an int32 (b,) count of filled slots (a StaticCache without padding: only the first
+    count[i] keys of the buffer are tokens, the queries are the last sq of them: ``cached_attention``). With
+    padding, q/k/v are unpadded and run as varlen flash attention, causal bottom-right per sequence. A 4D
+    mask (someone else's, e.g. a custom one) runs a plain-torch masked attention.
     ``is_causal`` (kwarg, else ``module.is_causal``, else True) and ``sliding_window`` (kwarg, else
     ``module.sliding_window``) as transformers' flash-attention function reads them.
     """
@@ -101,10 +114,18 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
     b, sq, h, d = q.shape
     if attention_mask is None:
         return flash_attention(q, k, v, causal=causal, softmax_scale=scaling, window_size=win), None
+    if attention_mask.dim() == 1:   # a StaticCache without padding: (b,) filled slots, the tail never read
+        filled = attention_mask.to(device=q.device, dtype=torch.int32)
+        if causal:
+            return cached_attention(q, k, v, filled, scaling, sliding_window), None
+        if sliding_window:
+            raise NotImplementedError("llama_triton attention: a non-causal sliding window over a StaticCache")
+        keys = torch.arange(k.shape[1], device=q.device)[None] < filled[:, None]              # (b, sk)
+        return _masked_dense(q, k, v, keys[:, None, None, :], scaling if scaling is not None else d ** -0.5), None
     if attention_mask.dim() == 4:
         return _masked_dense(q, k, v, attention_mask, scaling if scaling is not None else d ** -0.5), None
     if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be None, 2D (batch, seq) or 4D, got shape {tuple(attention_mask.shape)}")
+        raise ValueError(f"attention_mask must be None, 1D (batch,) int, 2D (batch, seq) or 4D, got shape {tuple(attention_mask.shape)}")
     mask = attention_mask.to(device=q.device, dtype=torch.bool)
     sk = k.shape[1]
     if mask.shape[1] > sk:          # sliding-window caches keep only the last sk keys

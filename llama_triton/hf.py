@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
+from . import hf_loss
 from .attention import hf_attention_forward
 from .layers import Attention, RMSNorm, RotaryEmbedding, SwiGLUMLP
 from .ops.rope import SUPPORTED_ROPE_TYPES
@@ -51,13 +53,34 @@ class PatchReport:
         return "\n".join(lines)
 
 
+def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """The mask function registered for ``attn_implementation="llama_triton"``: transformers' flash-attention
+    convention (None, or the 2D padding mask), except for a cache whose key buffer is longer than what it
+    holds without padding (a StaticCache: ``kv_length`` is the buffer, only its first ``q_offset + q_length -
+    kv_offset`` slots are filled): then an int32 ``(batch,)`` tensor of that count, so that
+    ``hf_attention_forward`` never attends over the unfilled tail. ``q_offset`` is a tensor for a
+    StaticCache: no host sync here. A 1D mask passed in is ours already and is returned as it is."""
+    from transformers.masking_utils import flash_attention_mask
+
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+        return attention_mask       # ours, made for this step already (generate pre-builds compilable caches' masks)
+    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                attention_mask=attention_mask, **kwargs)
+    filled = q_offset + q_length - kv_offset
+    if mask is None and isinstance(filled, torch.Tensor):
+        return filled.to(torch.int32).reshape(-1).expand(batch_size)
+    if mask is None and filled < kv_length:
+        return torch.full((batch_size,), filled, dtype=torch.int32, device=kwargs.get("device"))
+    return mask
+
+
 def register_attention() -> None:
     """Register our attention (and its mask convention) as ``attn_implementation="llama_triton"``."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, attention_mask)
 
 
 def patch_mapping() -> dict[str, type]:
@@ -116,12 +139,14 @@ def _replacement(module: nn.Module, report: PatchReport, path: str, norms, mlp, 
 
 
 def patch(model: nn.Module, norms: bool = True, mlp: bool = True, attention: bool = True,
-          rotary: bool = True) -> PatchReport:
+          rotary: bool = True, loss: bool = True) -> PatchReport:
     """Swap our layers into a transformers Llama/Mistral/Qwen2 model (ForCausalLM or base) in place.
 
     RMSNorm -> layers.RMSNorm, MLP -> layers.SwiGLUMLP, attention -> layers.Attention (our rotary
     application and attention), RotaryEmbedding -> layers.RotaryEmbedding; weights are shared, not copied.
-    Sets ``attn_implementation="llama_triton"``. Returns a PatchReport (str() it for a summary).
+    Sets ``attn_implementation="llama_triton"``. ``loss``: a ForCausalLM's forward computes its training
+    loss with the fused linear cross-entropy, logits not returned (llama_triton.hf_loss, Liger's rule).
+    Returns a PatchReport (str() it for a summary).
     """
     if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"patch needs a transformers PreTrainedModel, got {type(model).__name__}")
@@ -140,6 +165,13 @@ def patch(model: nn.Module, norms: bool = True, mlp: bool = True, attention: boo
         setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
         originals[path] = module
         report.swapped.append((path, type(module).__name__, type(new).__name__))
+    if loss and hasattr(model, "lm_head"):
+        why = hf_loss.can_fuse(model)
+        if why:
+            report.kept.append(("lm_head", type(model).__name__, f"loss not fused: {why}"))
+        else:
+            hf_loss.install(model)
+            report.swapped.append(("forward", "loss", "fused_linear_cross_entropy"))
     setattr(model, _OLD_ATTN, model.config._attn_implementation)
     if attention:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -149,7 +181,8 @@ def patch(model: nn.Module, norms: bool = True, mlp: bool = True, attention: boo
 
 
 def unpatch(model: nn.Module) -> int:
-    """Put back the modules `patch` replaced and the previous attn_implementation. Returns how many."""
+    """Put back the modules `patch` replaced, the stock forward and the previous attn_implementation. Returns
+    how many things were put back (len(report.swapped))."""
     originals = getattr(model, _ORIGINALS, None)
     if not originals:
         raise ValueError("model is not patched")
@@ -157,7 +190,8 @@ def unpatch(model: nn.Module) -> int:
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
     model.set_attn_implementation(getattr(model, _OLD_ATTN, None) or "eager")
+    fused_loss = hf_loss.uninstall(model)
     delattr(model, _ORIGINALS)
     if hasattr(model, _OLD_ATTN):
         delattr(model, _OLD_ATTN)
-    return len(originals)
+    return len(originals) + fused_loss
