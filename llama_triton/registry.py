@@ -486,6 +486,67 @@ REGISTRY.append(OpSpec(
 ))
 
 
+# ---------------------------------------------------------------------------- mixture of experts (issue 17)
+def _moe_inputs(shape, dtype, device):
+    """x (T, H), gate_up_proj (E, 2I, H), down_proj (E, H, I) in dtype; Mixtral routing of random logits:
+    topk_ids (T, top_k) int64, fp32 topk_weights (T, top_k). With shape["skew"], every token's first choice is
+    expert 0 (one overloaded expert, some experts left without tokens)."""
+    from .ops.moe import route
+
+    t, h, e, i, k = (shape[n] for n in ("tokens", "hidden", "experts", "inter", "top_k"))
+    x = torch.randn(t, h, dtype=dtype, device=device)
+    gate_up = (torch.randn(e, 2 * i, h, device=device) * h ** -0.5).to(dtype)
+    down = (torch.randn(e, h, i, device=device) * i ** -0.5).to(dtype)
+    logits = torch.randn(t, e, device=device)
+    if shape.get("skew"):
+        logits[:, 0] += 20.0
+    weights, ids = route(logits, k)
+    return x, gate_up, down, ids, weights
+
+
+def _moe_fn(x, gate_up, down, ids, weights):
+    from .ops.moe import moe_experts
+
+    return moe_experts(x, gate_up, down, ids, weights)
+
+
+def _moe_shape(tokens, hidden, experts, inter, top_k, skew=False):
+    s = {"tokens": tokens, "hidden": hidden, "experts": experts, "inter": inter, "top_k": top_k}
+    return {**s, "skew": True} if skew else s
+
+
+def _moe_bytes(shape, dtype, mode):
+    """The weights of the experts that can be selected (min(E, T * top_k)) read once, x and out."""
+    t, h, e, i, k = (shape[n] for n in ("tokens", "hidden", "experts", "inter", "top_k"))
+    return (3 * h * i * min(e, t * k) + 2 * t * h) * _elt(dtype)
+
+
+def _moe_config(shape, dtype):
+    from .kernels.moe import chosen_configs
+
+    return chosen_configs()
+
+
+REGISTRY.append(OpSpec(
+    name="moe_experts",
+    fn=_moe_fn,
+    reference=reference.moe_experts,
+    make_inputs=_moe_inputs,
+    # 2 * T * top_k * 3 * H * I for prefill; 0 at decode sizes so that `bench` reports % of copy bandwidth
+    flops=lambda s: 6 * s["tokens"] * s["top_k"] * s["hidden"] * s["inter"] if s["tokens"] > 16 else 0,
+    bytes=_moe_bytes,
+    # 1 token top-1; 7 tokens top-2 of 4; 40 tokens top-2 of 8 with every token on expert 0 (empty experts);
+    # the last has > 16 pairs per expert, so the sm_90 lowering check compiles a BLOCK_M > 16 path too
+    test_shapes=[_moe_shape(1, 32, 4, 16, 1), _moe_shape(7, 48, 4, 40, 2), _moe_shape(40, 32, 8, 24, 2, skew=True),
+                 _moe_shape(72, 32, 4, 16, 2)],
+    bench_shapes=[_moe_shape(t, 4096, 8, 14336, 2) for t in (1, 16, 512, 4096)]        # Mixtral-8x7B experts
+    + [_moe_shape(t, 2048, 128, 768, 8) for t in (1, 16, 512, 4096)],                  # Qwen3-30B-A3B experts
+    grad_inputs=(0, 1, 2, 4),
+    description="grouped SwiGLU experts (sorted by expert on the device, one launch per projection, top-k combine)",
+    config=_moe_config,
+))
+
+
 def get(name: str) -> OpSpec:
     for spec in REGISTRY:
         if spec.name == name:
