@@ -13,6 +13,7 @@ from .ops.rms_norm import rms_norm
 from .ops.rms_norm_matmul import fold_norm_weight, rms_norm_matmul
 from .ops.rope import compute_inv_freq, rope_parameters
 from .ops.swiglu import swiglu
+from .loss_modules import CrossEntropyLoss, FusedLinearCrossEntropyLoss  # noqa: F401  (Liger-style losses)
 
 
 class RMSNorm(nn.Module):
