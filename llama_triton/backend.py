@@ -5,6 +5,9 @@ Rules (DESIGN.md):
   * CPU tensors with TRITON_INTERPRET=1            -> the same Triton kernels, in Triton's interpreter
     (the variable must be set before `triton` is first imported: `@triton.jit` reads it at decoration time)
   * anything else                                  -> llama_triton.reference
+  * bfloat16 CPU tensors                           -> llama_triton.reference: the interpreter computes bf16
+    wrongly (``tl.dot`` by orders of magnitude, elementwise roundings past the 2x rule), so it never runs
+    there; bf16 kernels are checked on a GPU
   * LLAMA_TRITON_BACKEND=torch|triton forces a choice; forcing triton where it cannot run raises.
 """
 from __future__ import annotations
@@ -43,13 +46,20 @@ def use_triton(tensor: torch.Tensor) -> bool:
             f"LLAMA_TRITON_BACKEND=triton but Triton cannot run on device {tensor.device}: use CUDA tensors, "
             "or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter"
         )
+    if can_run and tensor.device.type == "cpu" and tensor.dtype == torch.bfloat16:
+        if choice == "triton":
+            raise RuntimeError("LLAMA_TRITON_BACKEND=triton but Triton's CPU interpreter computes bfloat16 wrongly; "
+                               "use float16/float32 on the CPU, CUDA tensors, or LLAMA_TRITON_BACKEND=auto (the "
+                               "PyTorch reference for bfloat16 CPU tensors)")
+        return False
     return can_run
 
 
 def describe() -> str:
     """One line saying which backend CPU and CUDA tensors get, for CLI output."""
     choice = forced_backend()
-    cpu = "torch reference" if choice == "torch" or not triton_can_run(torch.device("cpu")) else "triton (interpreter)"
+    cpu = ("torch reference" if choice == "torch" or not triton_can_run(torch.device("cpu"))
+           else "triton (interpreter; bfloat16 -> torch reference)")
     gpu = "torch reference" if choice == "torch" else "triton"
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     return f"backend: LLAMA_TRITON_BACKEND={choice}; cpu tensors -> {cpu}; cuda tensors -> {gpu} ({cuda})"
