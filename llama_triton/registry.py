@@ -331,6 +331,30 @@ REGISTRY.append(OpSpec(
 ))
 
 
+def _flce_options_inputs(shape, dtype, device):
+    hidden, weight, labels = _flce_inputs(shape, dtype, device)
+    bias = (0.1 * torch.randn(shape["vocab"], device=device)).to(dtype)
+    class_weight = (0.5 + torch.rand(shape["vocab"], device=device)).to(dtype)
+    return hidden, weight, bias, labels, class_weight
+
+
+_FLCE_OPTIONS = dict(label_smoothing=0.1, lse_square_scale=1e-4, softcap=30.0)   # Gemma-2's final-logit cap
+REGISTRY.append(OpSpec(
+    name="fused_linear_cross_entropy_options",
+    fn=lambda h, w, b, y, cw: fused_linear_cross_entropy(h, w, y, bias=b, ce_weight=cw, **_FLCE_OPTIONS),
+    reference=lambda h, w, b, y, cw: reference.fused_linear_cross_entropy(h, w, y, bias=b, ce_weight=cw,
+                                                                          **_FLCE_OPTIONS),
+    make_inputs=_flce_options_inputs,
+    flops=lambda s: 6 * s["tokens"] * s["hidden"] * s["vocab"],
+    bytes=lambda s, dt, mode: (s["vocab"] * s["hidden"] * 2 + s["tokens"] * s["hidden"] * 2) * _elt(dt),
+    test_shapes=[{"tokens": 17, "hidden": 64, "vocab": 1000}],
+    bench_shapes=[{"tokens": 8192, "hidden": 4096, "vocab": 128256}],
+    grad_inputs=(0, 1, 2),
+    description="FLCE with Liger's options: lm_head bias, class weights, label smoothing 0.1, z-loss 1e-4, "
+                "softcap 30",
+))
+
+
 # ------------------------------------------------------------------------ RMSNorm + matmul (issue 6)
 def _rmm_inputs(residual):
     def make(shape, dtype, device):
