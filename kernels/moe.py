@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, cpu_value_check, interpreting
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 DECODE_MAX_ROWS = 16   # pairs per expert (on average) up to which the BLOCK_M = 16 decode tiles are used
@@ -381,7 +381,8 @@ def check_inputs(x, gate_up_proj, down_proj, topk_ids, topk_weights):
     if top_k < 1 or top_k > E:
         raise ValueError(f"top_k (topk_ids.shape[1]) = {top_k} must be between 1 and the number of experts {E}")
     if topk_ids.device.type == "cpu" and topk_ids.numel():  # on a GPU this check would be a host sync
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        with cpu_value_check():
+            lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= E:
             raise ValueError(f"topk_ids must lie in [0, {E}) (the number of experts); got values in [{lo}, {hi}]")
     return T, H, E, inter, top_k

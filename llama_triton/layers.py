@@ -77,7 +77,7 @@ class KVCache(nn.Module):
         ``seqlens = max(seqlens, positions[:, -1] + 1)``. Positions are range-checked (ValueError) when they
         live on the CPU; on a GPU an out-of-range position is an indexing error of ``index_put_``.
         """
-        from .kernels._checks import check_same_device, check_tensor
+        from .kernels._checks import check_same_device, check_tensor, cpu_value_check
 
         check_tensor("positions", positions, (torch.int64, torch.int32), ndim=2)
         check_tensor("k", k, None, ndim=4)
@@ -93,7 +93,8 @@ class KVCache(nn.Module):
             if not t.is_floating_point():
                 raise TypeError(f"{name} has dtype {t.dtype}; expected a floating-point tensor")
         if positions.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi = int(positions.min()), int(positions.max())
+            with cpu_value_check():
+                lo, hi = int(positions.min()), int(positions.max())
             if lo < 0 or hi >= self.max_seqlen:
                 raise ValueError(f"positions must be in [0, max_seqlen={self.max_seqlen}), got values in [{lo}, {hi}]")
         positions = positions.long()
@@ -176,8 +177,9 @@ class Attention(nn.Module):
         v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim)                 # (b, s, h_kv, d)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)   # (b, h, s, d), (b, h_kv, s, d)
-        if cache is None and attention_mask is None:
-            out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v, self.scaling, self.sliding_window)
+        if cache is None and attention_mask is None:             # packed documents: cu_seq_lens_q (varlen)
+            out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v, self.scaling, self.sliding_window,
+                                   cu_seqlens=kwargs.get("cu_seq_lens_q"), max_seqlen=kwargs.get("max_length_q"))
         elif hasattr(cache, "seqlens"):                                              # our static KVCache
             if position_ids is None:
                 raise ValueError("Attention.forward with a KVCache needs position_ids (b, s) int64")
@@ -470,3 +472,4 @@ class QuantLinear(nn.Module):
 
 
 from .low_rank_linear import LowRankLinear  # noqa: E402,F401  (issue 18: its own file)
+from .moe import MoeExperts, SparseMoeBlock, TopKRouter  # noqa: E402,F401  (issue 17: its own file)

@@ -1,0 +1,159 @@
+"""Mixture of experts (issue 17): the grouped-GEMM experts kernel against the fp32/fp64 experts loop
+(reference.moe_experts) forward and backward under the 2x rule, the device-side alignment, determinism,
+launch counts, bad input; the SparseMoeBlock against transformers' Mixtral / Qwen3-MoE / Qwen2-MoE blocks;
+patched and experts_implementation="llama_triton" transformers models and our model against stock
+transformers (logits, loss, aux loss, greedy tokens)."""
+import copy
+
+import pytest
+import torch
+
+from conftest import DEVICE, DTYPES
+from llama_triton import registry, testing
+from llama_triton.kernels import moe as K
+from llama_triton.ops.moe import load_balancing_loss, moe_experts, route
+
+SPEC = registry.get("moe_experts")
+
+
+def _shape(tokens, experts, top_k, skew=False, hidden=32, inter=24):
+    return registry._moe_shape(tokens, hidden, experts, inter, top_k, skew)
+
+
+# experts 4 and 8, top-1 / top-2, tokens 1 / 7 / 129 (129 once), skew: every token's first choice is expert 0
+# (top-1 + skew: all tokens on one expert, the others get none)
+CASES = [_shape(1, 8, 2), _shape(7, 8, 1), _shape(7, 4, 2, skew=True), _shape(129, 4, 1, skew=True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CASES, ids=SPEC.label)
+def test_experts_match_reference_loop(shape, dtype):
+    """Output and the grads of x, gate_up_proj, down_proj and the routing weights vs the fp64 loop."""
+    for c in testing.parity(SPEC, shape, dtype, DEVICE):
+        assert c.ok, f"{shape} {dtype} {c.name}: err {c.max_abs:.3e} > bound {c.bound:.3e}"
+
+
+def test_parity_harness_catches_a_wrong_expert():
+    """The 2x-rule check can fail here: swapping two experts' down weights is caught."""
+    import dataclasses
+
+    def swapped(x, gu, down, ids, w):
+        return SPEC.fn(x, gu, down[[1, 0, *range(2, down.shape[0])]], ids, w)
+    bad = dataclasses.replace(SPEC, fn=swapped)
+    assert not all(c.ok for c in testing.parity(bad, _shape(7, 4, 2), torch.float32, DEVICE, backward=False))
+
+
+def _align_reference(ids, E, bm):
+    """Per expert: its flat indices in increasing order, padded to a multiple of bm with the sentinel S."""
+    flat = ids.reshape(-1)
+    S = flat.numel()
+    runs, experts = [], []
+    for e in range(E):
+        idx = torch.nonzero(flat == e).flatten().to(torch.int32)
+        pad = (-idx.numel()) % bm
+        runs.append(torch.cat([idx, torch.full((pad,), S, dtype=torch.int32)]))
+        experts += [e] * ((idx.numel() + pad) // bm)
+    return torch.cat(runs), torch.tensor(experts, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("tokens,E,top_k", [(1, 4, 1), (37, 8, 2), (5, 16, 3)])
+def test_alignment_sorts_and_pads_by_expert(tokens, E, top_k):
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:top_k] for _ in range(tokens)]).to(DEVICE)
+    ids[ids == E - 1] = 0                                         # expert E-1 gets no tokens
+    sorted_ids, block_expert, seg, npost = K.moe_align(ids, E, 16)
+    ref_sorted, ref_blocks = _align_reference(ids.cpu(), E, 16)
+    n = int(npost)
+    assert n == ref_sorted.numel() and int(seg[-1]) == n
+    assert torch.equal(sorted_ids[:n].cpu(), ref_sorted)
+    assert torch.equal(block_expert[: n // 16].cpu(), ref_blocks)
+    assert (block_expert[n // 16:] == -1).all()                   # unused blocks: no expert
+    assert int(seg[E - 1]) == int(seg[E])                         # the empty expert's run is empty
+
+
+def test_deterministic_and_decode_launches():
+    """Bitwise repeatable (no atomics); per call: 2 alignment + gate_up + down (+ combine for top-k > 1)
+    Triton launches and no host sync, at decode (1 token) and prefill sizes."""
+    from llama_triton.profiling import count_kernels
+
+    for tokens, top_k, launches in ((1, 2, 5), (9, 1, 4)):
+        x, gu, down, ids, w = SPEC.make_inputs(_shape(tokens, 4, top_k), torch.float32, DEVICE)
+        first = moe_experts(x, gu, down, ids, w)
+        out, count = count_kernels(moe_experts, x, gu, down, ids, w)
+        assert torch.equal(out, first)
+        assert count.triton == launches and count.syncs == 0, count.names
+
+
+def test_bad_input_is_rejected():
+    x, gu, down, ids, w = SPEC.make_inputs(_shape(3, 4, 2), torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_experts(x, gu, down, torch.zeros(3, 5, dtype=torch.int64, device=DEVICE), torch.ones(3, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="down_proj"):
+        moe_experts(x, gu, down[:, :, :-1], ids, w)
+    with pytest.raises(ValueError, match="gate_up_proj"):
+        moe_experts(x, gu[:, :, :-1], down, ids, w)
+    with pytest.raises(ValueError, match="topk_weights"):
+        moe_experts(x, gu, down, ids, w[:, :1])
+    with pytest.raises(TypeError, match="gate_up_proj"):
+        moe_experts(x, gu.half(), down, ids, w)
+    with pytest.raises(TypeError, match="topk_ids"):
+        moe_experts(x, gu, down, ids.float(), w)
+    with pytest.raises(ValueError, match="topk_ids must lie"):
+        moe_experts(x, gu, down, ids + 4, w)
+    with pytest.raises(ValueError, match="top_k"):
+        route(torch.randn(3, 4), 5)
+
+
+# ----------------------------------------------------------------------------------- transformers parity
+transformers = pytest.importorskip("transformers")
+
+_TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, num_experts_per_tok=2,
+             router_aux_loss_coef=0.02, output_router_logits=True)
+_FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, moe_intermediate_size=24, norm_topk_prob=False, head_dim=8)),
+    "qwen3_moe_norm": ("Qwen3MoeConfig", dict(num_experts=4, moe_intermediate_size=24, norm_topk_prob=True,
+                                              head_dim=8)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                         norm_topk_prob=False)),
+}
+
+
+def _hf_config(family, **kw):
+    cls, extra = _FAMILIES[family]
+    return getattr(transformers, cls)(**{**_TINY, **extra, **kw})
+
+
+def _hf_model(family, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(_hf_config(family, **kw)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "gate.weight" in n:                      # a visible, non-uniform routing
+                p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe_norm", "qwen2_moe"])
+def test_block_matches_transformers(family):
+    from llama_triton.layers import SparseMoeBlock
+
+    config = _hf_config(family, num_hidden_layers=1)
+    hf_block = _hf_model(family, num_hidden_layers=1).model.layers[0].mlp
+    ours = SparseMoeBlock(config)
+    assert ours.load_state_dict(hf_block.state_dict()) is not None            # same parameter names
+    wrapped = SparseMoeBlock.from_module(copy.deepcopy(hf_block))
+    x = torch.randn(2, 5, 32)
+    ref_x = x.clone().requires_grad_()
+    ref = hf_block(ref_x)
+    ref.square().sum().backward()
+    for block in (ours, wrapped):
+        xi = x.clone().requires_grad_()
+        out = block(xi)
+        assert out.shape == ref.shape and (out - ref).abs().max() < 1e-5
+        out.square().sum().backward()
+        assert (xi.grad - ref_x.grad).abs().max() < 1e-4
+    mine = dict(ours.named_parameters())
+    for name, p in hf_block.named_parameters():                                 # router and expert grads too
+        assert (p.grad - mine[name].grad).abs().max() < 1e-4, name
