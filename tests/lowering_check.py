@@ -14,111 +14,42 @@ not reach call `run_snippet(code)`: `code` runs in a fresh process after `instal
 """
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import sys
 import traceback
 from pathlib import Path
 
-
 import torch
-import triton
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction
 
 MAX_SHARED = 232448  # H100 max dynamic shared memory per block (bytes)
-OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
-             torch.int8: "*i8", torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64",
-             torch.bool: "*i1"}
 
-compiled: dict = {}
-autotuned_depth = 0
+compiled: dict = {}  # compile key -> facts of every kernel compiled so far (the capture's, after install())
 all_configs = True  # False: compile only each autotuned kernel's first config (second dtype pass)
+_active = None
+capture = None  # the llama_triton.inspect Capture after install(): .rows holds every compiled kernel's facts
 
 
-def _arg_type(value):
-    if isinstance(value, torch.Tensor):
-        return PTR_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"cannot type kernel argument {value!r}")
-
-
-def fake_run(self, *args, grid=None, warmup=False, **kwargs):
-    """Stand-in for JITFunction.run: bind the arguments, compile for sm_90, launch nothing."""
-    options = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
-    bound = inspect.signature(self.fn).bind(*args, **kwargs)
-    bound.apply_defaults()
-    signature, constexprs, attrs = {}, {}, {}
-    for i, (param, (name, value)) in enumerate(zip(self.params, bound.arguments.items())):
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if param.is_constexpr or value is None or (is_int and value == 1 and not param.do_not_specialize):
-            signature[name] = "constexpr"  # Triton specialises an int argument equal to 1 into a constant
-            constexprs[name] = value
-            continue
-        signature[name] = _arg_type(value)
-        # Triton's alignment specialisation: pointers (and ints) divisible by 16 -> vectorised, pipelined loads
-        aligned = value.data_ptr() % 16 == 0 if isinstance(value, torch.Tensor) else is_int and value % 16 == 0
-        if aligned and not param.do_not_specialize and not param.do_not_specialize_on_alignment:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    key = (self.fn.__name__, tuple(signature.items()), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
-           tuple(sorted(options.items())))
-    if key in compiled:
-        return compiled[key]
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = triton.compile(ASTSource(self, signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=options)
-    shared = kernel.metadata.shared
-    if shared > MAX_SHARED and not autotuned_depth:
-        raise RuntimeError(f"{self.fn.__name__} needs {shared} bytes of shared memory > {MAX_SHARED} (H100)")
-    compiled[key] = shared
-    consts = ", ".join(f"{k}={v}" for k, v in constexprs.items() if v is not None)
-    print(f"  compiled {self.fn.__name__}[{consts}] {options} shared={shared}"
-          + (" (over the limit: fails to launch; the autotuner skips it)" if shared > MAX_SHARED else ""))
-    return shared
-
-
-def fake_autotune_run(self, *args, **kwargs):
-    """Stand-in for Autotuner.run: apply the autotuner's early prune, then compile the kernel once per
-    remaining config instead of benchmarking. Fails when the prune leaves nothing, or when every config
-    needs more shared memory than an H100 has (the op could not launch at all)."""
-    global autotuned_depth
-    configs = self.configs
-    if getattr(self, "early_config_prune", None):
-        configs = self.early_config_prune(configs, {**dict(zip(self.arg_names, args)), **kwargs}, **kwargs)
-    name = getattr(self.base_fn, "__name__", "kernel")
-    if not configs:
-        raise RuntimeError(f"{name}: the autotuner's early prune left no config for these arguments")
-    chosen = configs if all_configs else configs[:1]
-    autotuned_depth += 1
-    try:
-        shared = [self.fn.run(*args, **{**kwargs, **config.all_kwargs()}) for config in chosen]
-    finally:
-        autotuned_depth -= 1
-    fits = [c for c, smem in zip(chosen, shared) if smem is None or smem <= MAX_SHARED]
-    if all_configs and not fits:
-        raise RuntimeError(f"{name}: every autotune config needs more shared memory than an H100 has: {shared}")
-    self.best_config = (fits or chosen)[0]  # launchers may read the chosen config
-    return None
+def _print_compiled(row) -> None:
+    consts = ", ".join(f"{k}={v}" for k, v in row.constexprs.items() if v is not None)
+    print(f"  compiled {row.kernel}[{consts}] {row.options} shared={row.shared}"
+          + (" (over the limit: fails to launch; the autotuner skips it)" if not row.fits_shared else ""))
 
 
 def install() -> None:
-    """Intercept every launch (compile for sm_90 instead) and let the backend send CPU tensors to Triton."""
+    """Intercept every launch (compile for sm_90 instead, with llama_triton.inspect's capture: every autotune
+    config the early prune leaves, Triton's argument specialisation) and let the backend send CPU tensors
+    to Triton. Fails like a launch would: a kernel over the shared-memory limit, an autotuner with no config."""
+    global compiled, capture
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("lowering_check must run without TRITON_INTERPRET (kernels must be JITFunctions)")
-    JITFunction.run = fake_run
-    Autotuner.run = fake_autotune_run
-    from llama_triton import backend
+    from llama_triton.inspect import capture as _capture
 
-    backend.triton_can_run = lambda device: True  # pretend: every launch goes to fake_run
+    global _active
+    _active = _capture("sm_90", configs=lambda: "all" if all_configs else "first", strict=True,
+                       on_compile=_print_compiled)  # kept referenced: active for the rest of the process
+    capture = _active.__enter__()
+    compiled = capture.compiled
 
 
 def run_snippet(code: str = "", args=(), timeout: int = 1500) -> str:
