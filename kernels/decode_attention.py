@@ -44,8 +44,22 @@ WAVES = 4             # target programs per SM for stage 1: several CTAs in flig
 
 
 @triton.jit
+def _rotate(X, offs_row, offs_d, mask, COS, SIN, pos, stride_cos, HALF: tl.constexpr):
+    """Load rows X + offs_row[:, None] + offs_d[None, :] and apply HF's rotary embedding at positions
+    pos (rows,) from the (n, head_dim) cos/sin tables: x * cos + rotate_half(x) * sin, in fp32."""
+    partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)                 # rotate_half's source
+    sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    x = tl.load(X + offs_row[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(X + offs_row[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    c_offs = pos[:, None].to(tl.int64) * stride_cos + offs_d[None, :]
+    cos = tl.load(COS + c_offs, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(SIN + c_offs, mask=mask, other=0.0).to(tl.float32)
+    return x * cos + sign[None, :] * xp * sin
+
+
+@triton.jit
 def _decode_split_kernel(
-    Q, K, V, SEQLENS, O, LSE,                           # pointers
+    Q, K, V, SEQLENS, O, LSE, K_NEW, V_NEW, COS, SIN,   # pointers (K_NEW..SIN: APPEND / ROTARY only)
     q_len, group, m_tiles, max_seqlen, window_left,     # sizes (runtime: no recompiles)
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
@@ -53,11 +67,16 @@ def _decode_split_kernel(
     stride_sl,                                          # SEQLENS (b,)
     stride_ob, stride_os, stride_ot, stride_oh,         # O (b, splits, q_len, h, d), d contiguous
     stride_lb, stride_ls, stride_lt,                    # LSE (b, splits, q_len, h), h contiguous
+    stride_knb, stride_knt, stride_knh,                 # K_NEW (b, q_len, h_kv, d), d contiguous
+    stride_vnb, stride_vnt, stride_vnh,                 # V_NEW likewise
+    stride_cos,                                         # COS/SIN (n, d) tables, d contiguous
     qk_scale,                                           # softmax_scale * log2(e)
     HEAD_DIM: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     IEEE_DOT: tl.constexpr,                             # fp32 inputs: exact fp32 dots, not tf32
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    APPEND: tl.constexpr,                               # write K_NEW/V_NEW at SEQLENS (lengths before) first
+    ROTARY: tl.constexpr,                               # rotate q and the new k (HF rotate_half convention)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = (tl.program_id(1) // m_tiles).to(tl.int64)    # head-major caches: kvh * stride_kh can pass 2**31
@@ -76,6 +95,9 @@ def _decode_split_kernel(
 
     seqlen = tl.load(SEQLENS + b * stride_sl).to(tl.int32)
     seqlen = tl.minimum(tl.maximum(seqlen, 0), max_seqlen)
+    old_len = seqlen
+    if APPEND:                                                            # SEQLENS: lengths before the append
+        seqlen = tl.minimum(seqlen + q_len, max_seqlen)
     pos = seqlen - q_len + t                                              # (BLOCK_M,) key position of each row
 
     # this split's slice of the valid range [kv_lo, seqlen), cut from the runtime length
@@ -87,8 +109,33 @@ def _decode_split_kernel(
     lo = kv_lo + split * chunk
     hi = tl.minimum(lo + chunk, seqlen)
 
-    q_ptrs = Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    q_mask = row_mask[:, None] & d_mask[None, :]
+    if ROTARY:                                      # q rotated in fp32, rounded once to q's dtype (as ops.rope)
+        q = _rotate(Q + b * stride_qb, t * stride_qt + head * stride_qh, offs_d, q_mask, COS, SIN,
+                    tl.maximum(pos, 0), stride_cos, HEAD_DIM // 2).to(Q.dtype.element_ty)
+    else:
+        q_ptrs = Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)                      # (BLOCK_M, BLOCK_D)
+
+    if APPEND:  # -- the new tokens' k/v into the cache: written by the split whose key range holds them --
+        offs_t = tl.arange(0, BLOCK_T)
+        new_pos = old_len + offs_t                                        # (BLOCK_T,) cache rows
+        t_mask = (offs_t < q_len) & (new_pos >= lo) & (new_pos < hi)
+        nd_mask = t_mask[:, None] & d_mask[None, :]
+        if ROTARY:
+            k_new = _rotate(K_NEW + b * stride_knb + kvh * stride_knh, offs_t * stride_knt, offs_d, nd_mask,
+                            COS, SIN, new_pos, stride_cos, HEAD_DIM // 2).to(K_NEW.dtype.element_ty)
+        else:
+            k_new = tl.load(K_NEW + b * stride_knb + kvh * stride_knh + offs_t[:, None] * stride_knt
+                            + offs_d[None, :], mask=nd_mask, other=0.0)
+        v_new = tl.load(V_NEW + b * stride_vnb + kvh * stride_vnh + offs_t[:, None] * stride_vnt + offs_d[None, :],
+                        mask=nd_mask, other=0.0)
+        rows64 = new_pos[:, None].to(tl.int64)
+        tl.store(K + b * stride_kb + kvh * stride_kh + rows64 * stride_kn + offs_d[None, :] * stride_kd,
+                 k_new.to(K.dtype.element_ty), mask=nd_mask)
+        tl.store(V + b * stride_vb + kvh * stride_vh + rows64 * stride_vn + offs_d[None, :] * stride_vd,
+                 v_new.to(V.dtype.element_ty), mask=nd_mask)
+        tl.debug_barrier()                          # the whole program sees them before the loop reads them
 
     lo64 = lo.to(tl.int64)
     k_ptrs = (K + b * stride_kb + kvh * stride_kh + (lo64 + offs_n[:, None]) * stride_kn
@@ -132,7 +179,11 @@ def _decode_split_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     o_ptrs = (O + b * stride_ob + split * stride_os + t[:, None] * stride_ot + head[:, None] * stride_oh
               + offs_d[None, :])
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    # an empty split (its key range past the sequence's end) writes only lse = -inf: the merge never reads
+    # its partial. With one split the output is final and always written (0 for an empty sequence).
+    keep = (hi > lo) | (split + num_splits == 1)                           # (split 0 of 1: final output)
+    o_rows = rows < tl.where(keep, q_len * group, 0)      # a vector mask (the interpreter mis-types bool scalars)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_rows[:, None] & d_mask[None, :])
     tl.store(LSE + b * stride_lb + split * stride_ls + t * stride_lt + head, lse, mask=row_mask)
 
 
@@ -254,17 +305,65 @@ def choose_num_splits(batch: int, heads_kv: int, m_tiles: int, max_seqlen: int, 
     return max(1, min(triton.cdiv(target, programs), n_blocks, MAX_SPLITS))
 
 
+def check_append_inputs(q, k_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None):
+    """Validate the append / rotary arguments of decode_attention_fwd (shapes, dtypes, devices only)."""
+    b, q_len, _, d = q.shape
+    want = (b, q_len, k_cache.shape[2], d)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, FLOAT_DTYPES, ndim=4)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected (batch, q_len, heads_kv, head_dim) = {want}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+    check_same_device(q=q, k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is None:
+        return
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        check_tensor(name, t, FLOAT_DTYPES, ndim=2)
+        if t.shape[1] != d or t.shape[0] < k_cache.shape[1] or t.stride(1) != 1:
+            raise ValueError(f"{name} must be a (n, head_dim={d}) table with n >= max_seqlen={k_cache.shape[1]} "
+                             f"and a contiguous last dim, got shape {tuple(t.shape)} strides {t.stride()}")
+    if rotary_sin.stride() != rotary_cos.stride() or rotary_cos.dtype != rotary_sin.dtype:
+        raise ValueError("rotary_cos and rotary_sin must have the same dtype and strides")
+    if d % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {d}")
+
+
 def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, window_size=(-1, -1),
-                         num_splits: int | None = None):
+                         num_splits: int | None = None, k=None, v=None, rotary_cos=None, rotary_sin=None):
     """q (b, q_len, h, d); k_cache/v_cache (b, max_seqlen, h_kv, d) any strides; cache_seqlens int32 (b,)
     -> out (b, q_len, h, d) contiguous in q's dtype, lse (b, h, q_len) fp32 (-inf for empty rows).
 
     `num_splits` forces the number of cache splits (tests); None picks it from the shapes and the device.
+    With ``k``/``v`` ``(b, q_len, h_kv, d)`` (flash-attn's ``flash_attn_with_kvcache`` append): the cache
+    holds ``cache_seqlens`` entries *before* this call; the kernel writes k/v at rows ``cache_seqlens[i] + t``
+    (in place, in the cache's dtype) and attends over ``cache_seqlens[i] + q_len`` entries; cache_seqlens
+    is not changed. ``rotary_cos``/``rotary_sin`` ``(n >= max_seqlen, d)`` tables (``layers.RotaryEmbedding
+    .table``): q and the new k are rotated at their positions (HF ``rotate_half``, fp32 math, one rounding)
+    in the same launch.
     """
     check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size)
     b, q_len, h, d = q.shape
     max_seqlen, h_kv = k_cache.shape[1], k_cache.shape[2]
-    check_seqlens_values(cache_seqlens, max_seqlen)
+    append = k is not None or v is not None
+    rotary = rotary_cos is not None or rotary_sin is not None
+    if rotary and not append:
+        raise ValueError("rotary_cos/rotary_sin need the new k and v (the append form)")
+    if append:
+        check_append_inputs(q, k_cache, k, v, cache_seqlens, rotary_cos, rotary_sin)
+        k, v = k if k.stride(-1) == 1 else k.contiguous(), v if v.stride(-1) == 1 else v.contiguous()
+        if rotary and q.stride(-1) != 1:
+            q = q.contiguous()
+        if cache_seqlens.device.type == "cpu" and cache_seqlens.numel():
+            with cpu_value_check():
+                lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+            if lo < 0 or hi + q_len > max_seqlen:
+                raise ValueError(f"cache_seqlens + q_len must be in [q_len, max_seqlen={max_seqlen}] for the append, "
+                                 f"got cache_seqlens in [{lo}, {hi}] and q_len={q_len}")
+    else:
+        check_seqlens_values(cache_seqlens, max_seqlen)
     group = h // h_kv
     rows = q_len * group
     cfg = split_config(d, rows)
@@ -285,15 +384,19 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None,
     else:       # (b, splits, q_len, h, d) fp32 partials
         o_part = torch.empty((b, num_splits, q_len, h, d), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((b, num_splits, q_len, h), dtype=torch.float32, device=q.device)
+    kn, vn = (k, v) if append else (q, q)                 # placeholders when not appending (never read)
+    cos, sin = (rotary_cos, rotary_sin) if rotary else (q, q)
     _decode_split_kernel[(b, h_kv * m_tiles, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
+        q, k_cache, v_cache, cache_seqlens, o_part, lse_part, kn, vn, cos, sin,
         q_len, group, m_tiles, max_seqlen, max(window_left, 0),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_seqlens.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
+        kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+        cos.stride(0) if rotary else 0,
         scale * math.log2(math.e),
         HEAD_DIM=d, HAS_WINDOW=window_left >= 0,
-        IEEE_DOT=q.dtype == torch.float32,
+        IEEE_DOT=q.dtype == torch.float32, APPEND=append, ROTARY=rotary, BLOCK_T=MAX_Q_LEN,
         **cfg,
     )
     if direct:

@@ -107,6 +107,23 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, win
     return torch.cat(outs, 0)
 
 
+def decode_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
+                                  softmax_scale=None, window_size=(-1, -1)):
+    """Rotate q and the new k (``rotary_cos/sin (n, d)`` tables gathered at positions cache_seqlens + t),
+    write k/v into the caches in place at those rows, then decode_attention over cache_seqlens + q_len entries.
+    cache_seqlens (lengths before the append) is not changed. -> out (b, q_len, h, d)."""
+    b, q_len = q.shape[:2]
+    pos = cache_seqlens.long()[:, None] + torch.arange(q_len, device=q.device)              # (b, q_len)
+    if rotary_cos is not None:
+        cos, sin = rotary_cos[pos], rotary_sin[pos]                                          # (b, q_len, d)
+        qf, kf = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float(), unsqueeze_dim=2)
+        q, k = qf.to(q.dtype), kf.to(k.dtype)
+    rows = torch.arange(b, device=q.device)[:, None].expand(b, q_len)
+    k_cache[rows, pos] = k.to(k_cache.dtype)
+    v_cache[rows, pos] = v.to(v_cache.dtype)
+    return decode_attention(q, k_cache, v_cache, cache_seqlens + q_len, softmax_scale, window_size)
+
+
 # ------------------------------------------------------------------------------------ rotary embeddings
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """HF rotate_half: (x1, x2) -> (-x2, x1) over the two halves of the last dim."""

@@ -29,7 +29,22 @@ def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_left, num_splits
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous (b, q_len, h, d)
 
 
+@torch.library.custom_op("llama_triton::decode_attention_append", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_append(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
+                             rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor], softmax_scale: float,
+                             window_left: int, num_splits: Optional[int]) -> Tensor:
+    out, _ = K.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, (window_left, -1),
+                                    num_splits=num_splits, k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    return out
+
+
+@_decode_attention_append.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_scale, window_left, num_splits):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 # ------------------------------------------------------------------------------------------ public API
+@backend.public_op(like={"q": "k_cache"})
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                      softmax_scale: Optional[float] = None, window_size=(-1, -1),
                      num_splits: Optional[int] = None) -> Tensor:
@@ -62,3 +77,36 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, tuple(window_size))
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     return _decode_attention(q, k_cache, v_cache, cache_seqlens, scale, int(window_size[0]), num_splits)
+
+
+def decode_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor,
+                                  cache_seqlens: Tensor, rotary_cos: Optional[Tensor] = None,
+                                  rotary_sin: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+                                  window_size=(-1, -1), num_splits: Optional[int] = None) -> Tensor:
+    """RoPE + KV-cache append + decode attention in one launch (plus the split merge when the cache is split):
+    the decode step of ``llama_triton.model`` (flash-attn ``flash_attn_with_kvcache`` with ``k``/``v``).
+
+    Args:
+        q: ``(batch, q_len, heads, head_dim)``, q_len in [1, 16], not yet rotated.
+        k_cache, v_cache: ``(batch, max_seqlen, heads_kv, head_dim)`` in q's dtype; **written in place**:
+            row ``cache_seqlens[i] + t`` of sequence i gets the new token t's (rotated) key and its value.
+        k, v: ``(batch, q_len, heads_kv, head_dim)`` the new tokens' keys (not yet rotated) and values.
+        cache_seqlens: int32 ``(batch,)`` entries each sequence holds *before* this call (flash-attn
+            semantics: not updated here; the new tokens sit at positions ``cache_seqlens[i] + t``).
+        rotary_cos, rotary_sin: optional ``(n, head_dim)`` tables with ``n >= max_seqlen``
+            (``layers.RotaryEmbedding.table``, HF's numerics): q and k are rotated at their positions
+            (HF ``rotate_half``, fp32 math, one rounding: the same values as ``apply_rotary_pos_emb``).
+        softmax_scale, window_size, num_splits: as ``decode_attention``.
+
+    Returns:
+        ``(batch, q_len, heads, head_dim)`` in q's dtype: attention over ``cache_seqlens[i] + q_len`` entries,
+        bottom-right causal. No host sync on a GPU (CUDA-graph safe). Forward only.
+    """
+    K.check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size)
+    K.check_append_inputs(q, k_cache, k, v, cache_seqlens, rotary_cos, rotary_sin)
+    if not backend.use_triton(q):
+        return reference.decode_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos,
+                                                       rotary_sin, softmax_scale, tuple(window_size))
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    return _decode_attention_append(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, scale,
+                                    int(window_size[0]), num_splits)
