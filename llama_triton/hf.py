@@ -28,6 +28,8 @@ ATTN_IMPLEMENTATION = "llama_triton"
 _ORIGINALS = "_llama_triton_originals"
 _OLD_ATTN = "_llama_triton_old_attn_implementation"
 _FAMILIES = ("Llama", "Mistral", "Qwen2")
+# issue 17: sparse MoE blocks patch() swaps for llama_triton.moe.SparseMoeBlock (with mlp=True)
+_MOE_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
 
 
 @dataclass
@@ -102,9 +104,20 @@ def register() -> dict[str, type]:
     from transformers.monkey_patching import register_patch_mapping
 
     register_attention()
+    register_experts()
     mapping = patch_mapping()
     register_patch_mapping(mapping, overwrite=True)
     return mapping
+
+
+def register_experts() -> None:
+    """Register our grouped-GEMM experts as ``experts_implementation="llama_triton"`` in transformers'
+    ``ExpertsInterface`` (MoE models whose experts class uses ``@use_experts_implementation``)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    from .moe import hf_experts_forward
+
+    ExpertsInterface.register(ATTN_IMPLEMENTATION, hf_experts_forward)
 
 
 def unregister() -> None:
@@ -117,6 +130,10 @@ def unregister() -> None:
 
 def _replacement(module: nn.Module, report: PatchReport, path: str, norms, mlp, attention, rotary):
     cls = type(module).__name__
+    if mlp and cls in _MOE_BLOCKS:                      # router kept (HF's router-logit recording sees it)
+        from .moe import SparseMoeBlock
+
+        return SparseMoeBlock.from_module(module)
     if not cls.startswith(_FAMILIES):
         return None
     if norms and cls.endswith("RMSNorm"):

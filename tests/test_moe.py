@@ -157,3 +157,70 @@ def test_block_matches_transformers(family):
     mine = dict(ours.named_parameters())
     for name, p in hf_block.named_parameters():                                 # router and expert grads too
         assert (p.grad - mine[name].grad).abs().max() < 1e-4, name
+
+
+def _names(count):
+    return {n.split(":", 1)[1] for n in count.names if n.startswith("triton:")}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_patched_model_matches_stock(family):
+    """hf.patch swaps the sparse blocks: logits, LM loss + router_aux_loss_coef * aux loss, aux loss and greedy
+    tokens equal stock transformers'; the MoE layer runs 5 Triton launches (top-2)."""
+    from llama_triton import hf
+    from llama_triton.layers import SparseMoeBlock
+    from llama_triton.profiling import count_kernels
+
+    stock = _hf_model(family, num_hidden_layers=1)
+    patched = copy.deepcopy(stock)
+    report = hf.patch(patched)
+    blocks = [m for m in patched.modules() if isinstance(m, SparseMoeBlock)]
+    assert len(blocks) == 1 and any("SparseMoeBlock -> SparseMoeBlock" in k for k in report.counts())
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = stock(ids, labels=ids), patched(ids, labels=ids)
+        assert (out.logits - ref.logits).abs().max() < 1e-4
+        assert abs(out.aux_loss.item() - ref.aux_loss.item()) < 1e-5
+        assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None, output_router_logits=False)
+        assert torch.equal(patched.generate(ids[:1], **kw), stock.generate(ids[:1], **kw))
+        _, count = count_kernels(blocks[0], torch.randn(1, 3, 32))
+    assert count.triton == 5 and count.syncs == 0, count.names
+    assert {"_moe_count_kernel", "_moe_align_kernel", "_moe_gate_up_kernel"} <= _names(count)
+    hf.unpatch(patched)
+
+
+def test_register_experts_implementation(tmp_path):
+    """hf.register() adds "llama_triton" to transformers' ExpertsInterface: from_pretrained(...,
+    experts_implementation="llama_triton") runs our kernel and matches the stock model, gradients included."""
+    from llama_triton import hf
+    from llama_triton.profiling import count_kernels
+
+    stock = _hf_model("mixtral", num_hidden_layers=1)
+    stock.save_pretrained(tmp_path)
+    hf.register()
+    try:
+        ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="llama_triton")
+    finally:
+        hf.unregister()
+    assert ours.config._experts_implementation == "llama_triton"
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(2))
+    out, count = count_kernels(ours, ids, labels=ids)
+    ref = stock(ids, labels=ids)
+    assert "_moe_gate_up_kernel" in _names(count)
+    assert (out.logits - ref.logits).abs().max() < 1e-4 and abs(out.loss.item() - ref.loss.item()) < 1e-5
+    out.loss.backward()
+    ref.loss.backward()
+    for name, p in stock.named_parameters():
+        q = ours.get_parameter(name)
+        assert (q.grad - p.grad).abs().max() < 1e-4, name
+
+
+def test_load_balancing_loss_matches_transformers():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    logits = tuple(torch.randn(10, 4, generator=torch.Generator().manual_seed(i)) for i in range(2))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    for m in (None, mask):
+        assert torch.allclose(load_balancing_loss(logits, 4, 2, m), load_balancing_loss_func(logits, 4, 2, m))
