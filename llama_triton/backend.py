@@ -12,10 +12,14 @@ Rules (DESIGN.md):
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
 
 import torch
 
+from . import amp
 from .kernels._checks import interpreting as interpreter_enabled  # the one definition (kernels need it too)
 
 _CHOICES = ("auto", "torch", "triton")
@@ -53,6 +57,42 @@ def use_triton(tensor: torch.Tensor) -> bool:
                                "PyTorch reference for bfloat16 CPU tensors)")
         return False
     return can_run
+
+
+def device_guard(tensor):
+    """The one CUDA device guard: launches inside run on `tensor`'s GPU, not the current device (a model
+    split over GPUs, ``device_map="auto"``). A no-op for other devices and while torch.compile traces
+    (Inductor guards its own graphs). Every public op enters it (``public_op``); autograd runs backward
+    passes on their tensors' device already."""
+    if getattr(getattr(tensor, "device", None), "type", None) != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
+
+
+def public_op(autocast: str = "keep", promote=None, like=None):
+    """Decorator for every public op: the device guard (on the first argument's device) and the op's
+    torch.autocast rule (llama_triton.amp): ``autocast="lower"`` or ``"keep"``, ``promote=(names)``,
+    ``like={name: other}``. Outside autocast the op runs unchanged."""
+    rule = ("promote", tuple(promote)) if promote else ("like", dict(like)) if like else autocast
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            with device_guard(first):
+                if not amp.enabled(first):
+                    return fn(*args, **kwargs)
+                bound = sig.bind(*args, **kwargs)
+                amp.cast_arguments(bound, rule, first.device.type)
+                with amp.disabled():
+                    return fn(*bound.args, **bound.kwargs)
+
+        wrapper.autocast_rule = rule
+        return wrapper
+
+    return deco
 
 
 def describe() -> str:

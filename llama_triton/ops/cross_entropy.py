@@ -98,6 +98,7 @@ def _ce_backward(ctx, dloss, _dgrad, _dz):
 _cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
+@backend.public_op("keep")
 def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: Optional[float] = None,
                   weight: Optional[Tensor] = None, return_z_loss: bool = False):
@@ -240,6 +241,7 @@ def _flce_backward(ctx, dloss, _ddh, _ddw, _ddb, _dz):
 _flce_fwd.register_autograd(_flce_backward, setup_context=_flce_setup)
 
 
+@backend.public_op("lower")
 def fused_linear_cross_entropy(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, ignore_index: int = -100,
                                reduction: str = "mean", accum_dtype: Optional[torch.dtype] = None,
                                bias: Optional[Tensor] = None, ce_weight: Optional[Tensor] = None,

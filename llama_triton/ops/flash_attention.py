@@ -60,6 +60,7 @@ _flash_attn_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 
 
 # ------------------------------------------------------------------------------------------ public API
+@backend.public_op("lower")
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, softmax_scale: Optional[float] = None,
                     window_size: tuple[int, int] = (-1, -1), cu_seqlens_q: Optional[Tensor] = None,
                     cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,

@@ -52,6 +52,7 @@ def _check(x, qweight):
 
 
 def quant_matmul(x: Tensor, qweight: QuantizedWeight) -> Tensor:
+@backend.public_op(like={"x": "qweight.scales"})
     """``y = x @ W.T`` for a quantized weight ``W (N, K)`` (the ``nn.Linear`` convention, no bias).
 
     Args:

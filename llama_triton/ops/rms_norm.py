@@ -73,7 +73,9 @@ _add_rms_norm_fwd.register_autograd(_backward_add, setup_context=_setup_add)
 
 
 # ------------------------------------------------------------------------------------------ public API
-def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Tensor] = None):
+@backend.public_op(promote=("x", "residual"))
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Tensor] = None, offset: float = 0.0,
+             casting_mode: str = "llama"):
     """RMSNorm with the numerics of HF ``LlamaRMSNorm``, optionally fused with the residual add.
 
     Args:

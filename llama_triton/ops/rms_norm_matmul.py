@@ -69,6 +69,7 @@ _fwd.register_autograd(_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------------------------ public API
+@backend.public_op("lower")
 def rms_norm_matmul(x: Tensor, norm_weight: Optional[Tensor], weight: Tensor, eps: float = 1e-6,
                     residual: Optional[Tensor] = None):
     """``rms_norm(x [+ residual], norm_weight, eps) @ weight.T`` in one fused GEMM (the norm before the

@@ -59,6 +59,7 @@ def _(q, k, cos, sin):
 
 
 # ------------------------------------------------------------------------------------------ public API
+@backend.public_op(promote=("q", "k"))
 def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1,
                          inplace: bool = False) -> tuple[Tensor, Tensor]:
     """Rotary position embedding with Hugging Face's convention (``rotate_half``), q and k in one launch.

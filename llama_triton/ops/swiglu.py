@@ -80,6 +80,7 @@ _swiglu_packed_fwd.register_autograd(_backward_packed, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------------------------ public API
+@backend.public_op(promote=("gate", "up"))
 def swiglu(gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
     """SwiGLU activation ``silu(gate) * up`` with PyTorch's numerics (HF ``LlamaMLP``'s
     ``act_fn(gate_proj(x)) * up_proj(x)``: silu rounded to the input dtype, then the product).
