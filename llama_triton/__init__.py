@@ -1,6 +1,7 @@
 """llama-triton: hand-written Triton kernels for LLaMA-family models, with drop-in nn.Module layers.
 
-Public functions are imported lazily (PEP 562), so ``import llama_triton`` does not import triton: the CLI
+Public functions and submodules (``llama_triton.layers``, ``.model``, ``.quant``, ``.hf``, ...) are imported
+lazily (PEP 562), so ``import llama_triton`` does not import triton: the CLI
 must be able to switch on Triton's CPU interpreter (TRITON_INTERPRET=1) before any kernel is defined.
 
     import llama_triton
@@ -30,11 +31,20 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+def _submodules() -> list[str]:
+    """The package's submodules (``layers``, ``model``, ``quant``, ``hf``, ...), found without importing them."""
+    import pkgutil
+
+    return [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+
+
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
+    if not name.startswith("_") and name in _submodules():     # llama_triton.layers etc., imported on first use
+        return import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'llama_triton' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_submodules()))
