@@ -20,28 +20,45 @@ class RMSNorm(nn.Module):
     """Drop-in for ``LlamaRMSNorm(hidden_size, eps)``: ``weight (hidden,)``, ``variance_epsilon``.
 
     ``forward(x)`` -> ``y``; ``forward(x, residual)`` -> ``(y, residual + x)`` (fused add + norm).
+    Liger's options for other families: ``offset`` (scale ``offset + weight``; Gemma: 1.0), ``casting_mode``
+    ("llama", "gemma", "none": see ``llama_triton.rms_norm``) and ``init_fn`` ("ones", or "zeros" for
+    Gemma-style weights). ``from_module`` of an HF ``Gemma*RMSNorm`` sets offset=1.0, casting_mode="gemma".
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None, offset: float = 0.0,
+                 casting_mode: str = "llama", init_fn: str = "ones"):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        from .kernels.rms_norm import check_norm_options
+
+        check_norm_options(offset, casting_mode)
+        if init_fn not in ("ones", "zeros"):
+            raise ValueError(f"init_fn must be 'ones' or 'zeros', got {init_fn!r}")
+        init = torch.ones if init_fn == "ones" else torch.zeros
+        self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))
         self.variance_epsilon = eps
+        self.offset, self.casting_mode = float(offset), casting_mode
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon, residual)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, residual, offset=self.offset,
+                        casting_mode=self.casting_mode)
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "RMSNorm":
-        """Build from an HF ``LlamaRMSNorm`` (or any module with ``weight`` and ``variance_epsilon``/``eps``)."""
+        """Build from an HF ``LlamaRMSNorm`` (or any module with ``weight`` and ``variance_epsilon``/``eps``);
+        an HF ``GemmaRMSNorm`` (class name starting with "Gemma") gets offset=1.0, casting_mode="gemma"."""
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         if eps is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
             raise TypeError(f"from_module needs a module with `weight` and `variance_epsilon`, got {type(module).__name__}")
-        new = cls(module.weight.shape[0], eps, device="meta")
+        gemma = type(module).__name__.startswith("Gemma")
+        new = cls(module.weight.shape[0], eps, device="meta", offset=1.0 if gemma else 0.0,
+                  casting_mode="gemma" if gemma else "llama")
         new.weight = module.weight
         return new
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+        opts = "" if self.offset == 0.0 and self.casting_mode == "llama" else \
+            f", offset={self.offset}, casting_mode={self.casting_mode!r}"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}{opts}"
 
 
 # ------------------------------------------------------------------------------------------- KV cache

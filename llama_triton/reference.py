@@ -15,17 +15,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------- RMSNorm
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
-    """HF LlamaRMSNorm: y = weight * (x * rsqrt(mean(x**2) + eps)).to(x.dtype), statistics in fp32.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+             offset: float = 0.0, casting_mode: str = "llama"):
+    """HF LlamaRMSNorm: y = (offset + weight) * (x * rsqrt(mean(x**2) + eps)).to(x.dtype), statistics in fp32.
 
     With `residual`, first s = residual + x (in x's dtype) and return (rms_norm(s), s).
+    casting_mode (Liger-Kernel's): "llama" as above; "gemma" (HF GemmaRMSNorm, offset 1 there): everything
+    in fp32, ``((x * rstd) * (offset + weight.float())).to(x.dtype)``; "none": no casts, all in x's dtype.
     """
     if residual is not None:
         summed = residual + x
-        return rms_norm(summed, weight, eps), summed
+        return rms_norm(summed, weight, eps, offset=offset, casting_mode=casting_mode), summed
+    if casting_mode == "none":
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + weight)).to(x.dtype)
     h = x.to(_compute_dtype(x.dtype))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    if casting_mode == "gemma":
+        return (h * (offset + weight.to(h.dtype))).to(x.dtype)
+    return (offset + weight) * h.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------- attention

@@ -92,6 +92,18 @@ REGISTRY: list[OpSpec] = [
         grad_inputs=(0, 1, 2),
         description="residual add fused with RMSNorm",
     ),
+    OpSpec(
+        name="rms_norm_gemma",
+        fn=lambda x, w: rms_norm(x, w, 1e-6, offset=1.0, casting_mode="gemma"),
+        reference=lambda x, w: reference.rms_norm(x, w, 1e-6, offset=1.0, casting_mode="gemma"),
+        make_inputs=_rms_inputs,
+        flops=lambda s: 0,
+        bytes=_rms_bytes(2, 3),
+        test_shapes=[{"rows": 17, "hidden": 127}, {"rows": 2, "hidden": 16384}],
+        bench_shapes=_RMS_BENCH_SHAPES[:2],
+        grad_inputs=(0, 1),
+        description="HF GemmaRMSNorm: (1 + w), product in fp32 (Liger offset=1, casting_mode='gemma')",
+    ),
 ]
 
 
