@@ -409,13 +409,14 @@ class RMSNormLinear(nn.Module):
 # ----------------------------------------------------------------------------- quantized linear (issue 7)
 from .ops.quant_matmul import quant_matmul  # noqa: E402
 from .quant import (QuantizedWeight, check_group_size, import_awq, import_gptq, quantize_weight,  # noqa: E402
-                    zeros_dtype)
+                    repack_codes, repacked_shape, unpack_rows, zeros_dtype)
 
 
 class QuantLinear(nn.Module):
     """``nn.Linear`` with a weight-only quantized weight (W4A16 / W8A16), over ``llama_triton.quant_matmul``.
 
-    Buffers (the format of ``llama_triton.quant``): ``qweight`` int32 ``(in // (32 // bits), out)``,
+    Buffers (the format of ``llama_triton.quant``): ``qweight`` int32, in memory the kernels' repacked layout
+    ``(out, KP // (32 // bits))``, in the state_dict GPTQ's ``(in // (32 // bits), out)`` (hooks convert);
     ``scales`` ``(in // group_size, out)``, ``zeros`` (``sym=False``; uint8 / int16) and ``perm`` int32
     ``(in,)`` (``act_order=True``); ``bias`` ``(out,)`` or None. ``forward(x (..., in)) -> (..., out)`` in x's
     dtype. Build one with ``from_linear`` (RTN), ``from_gptq``, ``from_awq`` or ``from_quantized``; a fresh
@@ -436,16 +437,36 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size, self.sym, self.act_order = bits, group_size, sym, act_order
         G = in_features // group_size
         dtype = dtype if dtype is not None else torch.get_default_dtype()
-        self.register_buffer("qweight", torch.zeros((in_features // pack, out_features), dtype=torch.int32, device=device))
+        self.register_buffer("qweight", torch.zeros(repacked_shape(in_features, out_features, bits), dtype=torch.int32,
+                                                    device=device))
         self.register_buffer("scales", torch.ones((G, out_features), dtype=dtype, device=device))
         self.register_buffer("zeros", None if sym else torch.full((G, out_features), 1 << (bits - 1),
                                                                   dtype=zeros_dtype(bits), device=device))
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device) if act_order else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._register_state_dict_hook(QuantLinear._gptq_layout_on_save)
+        self._register_load_state_dict_pre_hook(QuantLinear._repack_on_load, with_module=True)
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.perm)
+        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.perm,
+                               layout="repacked", in_features=self.in_features)
+
+    @staticmethod
+    def _gptq_layout_on_save(module, state_dict, prefix, local_metadata):
+        """state_dict holds qweight in GPTQ's (in // PACK, out) layout; the repacking stays in memory."""
+        key = prefix + "qweight"
+        if key in state_dict and module.qweight.device.type != "meta":
+            state_dict[key] = module.quantized_weight.gptq_qweight()
+
+    @staticmethod
+    def _repack_on_load(module, state_dict, prefix, *args):
+        """Repack a GPTQ-layout qweight (in // PACK, out) from a state_dict into the kernels' layout."""
+        key = prefix + "qweight"
+        q = state_dict.get(key)
+        gptq_shape = (module.in_features * module.bits // 32, module.out_features)
+        if isinstance(q, torch.Tensor) and tuple(q.shape) == gptq_shape:
+            state_dict[key] = repack_codes(unpack_rows(q, module.bits), module.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quant_matmul(x, self.quantized_weight)

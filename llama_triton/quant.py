@@ -1,11 +1,16 @@
-"""Weight-only quantization: our packed format, round-to-nearest quantization, GPTQ/AWQ checkpoint import,
-the plain-PyTorch dequantisation (the test oracle) and ``quantize_model``.
+"""Weight-only quantization, the weight *format* (below the ops): the packed layout the kernels read,
+round-to-nearest quantization, GPTQ/AWQ/int8 import and GPTQ export, and the plain-PyTorch dequantisation
+(the test oracle). Model surgery (``quantize_model``, ``load_quantized_state_dict``, saving a model as a
+GPTQ checkpoint) is in ``llama_triton.quantize`` (above the layers); the names are re-exported here.
 
-Our format (what ``quant_matmul`` / ``kernels/quant_gemm.py`` consume), for a linear weight ``W (N, K)``
-(``nn.Linear`` layout: out_features x in_features), ``bits`` in {4, 8}, ``PACK = 32 // bits``:
+A linear weight ``W (N, K)`` (``nn.Linear`` layout: out_features x in_features), ``bits`` in {4, 8},
+``PACK = 32 // bits``, held by ``QuantizedWeight`` as:
 
-    qweight  int32 (K // PACK, N)   packed along K, GPTQ's qweight layout: bits [i*bits, (i+1)*bits) of
-                                    qweight[j, n] hold the unsigned code q[j*PACK + i, n] in [0, 2**bits)
+    qweight  int32 (N, KP // PACK)  the codes q[k, n] in [0, 2**bits), repacked at load time into the
+                                    K-interleaved layout of kernels/quant_layout.py (KP: K padded to a
+                                    whole number of 16-word chunks); ``gptq_qweight()`` gives them back in
+                                    GPTQ's layout (K // PACK, N): bits [i*bits, (i+1)*bits) of word [j, n]
+                                    hold q[j*PACK + i, n]
     scales   (G, N) fp16/bf16/fp32  G = K // group_size; group_size == K means one scale per output channel
     zeros    (G, N) or None         integer zero points (uint8 for 4-bit, int16 for 8-bit); None means
                                     symmetric: the zero point is 2**(bits-1) (8 for 4-bit, 128 for 8-bit)
@@ -17,33 +22,46 @@ Our format (what ``quant_matmul`` / ``kernels/quant_gemm.py`` consume), for a li
 group_size is K (per channel) or a power of two >= 16 dividing K (32/64/128 are the usual ones).
 
 GPTQ checkpoints (``qweight`` int32 (K/PACK, N) packed along K, ``qzeros`` int32 (G, N/PACK) packed along N,
-``scales`` (G, N), ``g_idx`` int32 (K,)) already use our qweight layout. ``checkpoint_format="gptq"`` (v1,
-AutoGPTQ) stores ``zero - 1`` in qzeros: the importer adds the 1 back (v1's overflow included: a stored
-2**bits - 1 means zero point 2**bits); ``"gptq_v2"`` (GPTQModel) stores the zero point itself.
+``scales`` (G, N), ``g_idx`` int32 (K,)). ``checkpoint_format="gptq"`` (v1, AutoGPTQ) stores ``zero - 1`` in
+qzeros: the importer adds the 1 back (v1's overflow included: a stored 2**bits - 1 means zero point
+2**bits); ``"gptq_v2"`` (GPTQModel) stores the zero point itself.
 Act-order: ``g_idx[k]`` is the group of input feature k, in no particular order. We reorder at load time:
 ``perm = argsort(g_idx)`` (stable) makes every group a contiguous run of group_size stored columns, the codes
 are re-packed in that order, and the kernel reads x's columns through ``perm`` (a gather of the small
 activation, once per K tile) instead of gathering scales and zeros per element in the hot loop. Scales and
-zeros keep their group index, so they are not touched.
+zeros keep their group index, so they are not touched. ``to_gptq`` undoes all of it (original feature order,
+g_idx, packed qzeros), so what we write is a standard GPTQ checkpoint.
 
 AWQ checkpoints (AutoAWQ GEMM: ``qweight`` int32 (K, N/8) packed along N, nibble i of word c holding column
 ``8c + [0, 2, 4, 6, 1, 3, 5, 7][i]``; ``qzeros`` int32 (G, N/8) packed the same way; ``scales`` (G, N);
-``W = (q - zero) * scale``) are unpacked and re-packed along K (4-bit only, as AWQ is).
+``W = (q - zero) * scale``) are unpacked and repacked (4-bit only, as AWQ is).
 
 Symmetric int8 weight-only tensors (``weight`` int8 (N, K), per-channel ``scales``; ``import_int8``) become
-8-bit codes ``weight + 128`` with the midpoint zero. ``load_quantized_state_dict`` swaps a whole GPTQ/AWQ
-checkpoint's linears into a model.
+8-bit codes ``weight + 128`` with the midpoint zero.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch import nn
+
+from .kernels.quant_layout import repack_codes, repacked_shape, unrepack_codes
 
 SUPPORTED_BITS = (4, 8)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble i of an AWQ word holds column 8c + AWQ_ORDER[i]
 SOURCES = ("rtn", "gptq", "gptq_v2", "awq", "int8")
+LAYOUTS = ("repacked", "gptq")
+_SURGERY = ("quantize_model", "load_quantized_state_dict", "gptq_state_dict", "save_gptq")
+
+
+def __getattr__(name):
+    """Model surgery moved to llama_triton.quantize (above the layers); re-exported lazily, so that this
+    format module never imports the layers."""
+    if name in _SURGERY:
+        from . import quantize
+
+        return getattr(quantize, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_bits(bits) -> int:
@@ -119,10 +137,13 @@ def unpack_cols(words: torch.Tensor, bits: int, order=None) -> torch.Tensor:
 class QuantizedWeight:
     """A quantized linear weight ``W (out_features N, in_features K)`` in our format (module docstring).
 
-    Attributes: ``qweight`` int32 (K // PACK, N); ``scales`` (G, N); ``zeros`` (G, N) or None (symmetric);
-    ``perm`` int32 (K,) or None (act-order); ``bits`` 4 or 8; ``group_size`` (K: per channel); ``source``
-    the layout it came from ("rtn", "gptq", "gptq_v2", "awq", "int8"); ``error``: reconstruction error of
-    ``quantize_weight`` ({"max_abs", "rel_fro"}) or None.
+    Attributes: ``qweight`` int32, repacked (N, KP // PACK); ``scales`` (G, N); ``zeros`` (G, N) or None
+    (symmetric); ``perm`` int32 (K,) or None (act-order); ``bits`` 4 or 8; ``group_size`` (K: per channel);
+    ``source`` the layout it came from ("rtn", "gptq", "gptq_v2", "awq", "int8"); ``error``: reconstruction
+    error of ``quantize_weight`` ({"max_abs", "rel_fro"}) or None.
+
+    Construct it from GPTQ's qweight layout ``(K // PACK, N)`` (the default ``layout="gptq"``: repacked here,
+    once) or, with ``layout="repacked"`` and ``in_features=K``, from tensors already repacked.
     """
 
     qweight: torch.Tensor
@@ -133,19 +154,36 @@ class QuantizedWeight:
     perm: torch.Tensor | None = None
     source: str = "rtn"
     error: dict | None = field(default=None, compare=False)
+    layout: str = "gptq"
+    in_features: int | None = None
 
     def __post_init__(self):
         pack = _check_bits(self.bits)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dtype != torch.int32 or self.qweight.dim() != 2:
-            raise TypeError("qweight must be a 2-D int32 tensor (K // (32 // bits), N)")
-        K, N = self.qweight.shape[0] * pack, self.qweight.shape[1]
+            raise TypeError("qweight must be a 2-D int32 tensor ((K // (32 // bits), N) in GPTQ's layout)")
+        if self.layout == "gptq":
+            K = self.qweight.shape[0] * pack
+            if self.in_features not in (None, K):
+                raise ValueError(f"in_features={self.in_features} does not match qweight {tuple(self.qweight.shape)} "
+                                 f"(GPTQ layout, {self.bits}-bit: K = {K})")
+            self.qweight = repack_codes(unpack_rows(self.qweight, self.bits), self.bits)
+            self.in_features, self.layout = K, "repacked"
+        if not isinstance(self.in_features, (int, torch.SymInt)) or self.in_features < 1 or self.in_features % pack:
+            raise ValueError(f"in_features must be a positive multiple of {pack} for a repacked {self.bits}-bit "
+                             f"qweight, got {self.in_features!r}")
+        K, N = self.in_features, self.qweight.shape[0]
+        if tuple(self.qweight.shape) != repacked_shape(K, N, self.bits):
+            raise ValueError(f"qweight has shape {tuple(self.qweight.shape)}; the repacked layout for K={K}, "
+                             f"N={N}, {self.bits}-bit is {repacked_shape(K, N, self.bits)}")
         check_group_size(self.group_size, K)
         G = K // self.group_size
         if not isinstance(self.scales, torch.Tensor) or not self.scales.is_floating_point():
             raise TypeError("scales must be a floating-point tensor (K // group_size, N)")
         if tuple(self.scales.shape) != (G, N):
-            raise ValueError(f"scales has shape {tuple(self.scales.shape)}; expected ({G}, {N}) for qweight "
-                             f"{tuple(self.qweight.shape)}, {self.bits}-bit, group_size={self.group_size}")
+            raise ValueError(f"scales has shape {tuple(self.scales.shape)}; expected ({G}, {N}) for a {N}x{K} "
+                             f"weight, {self.bits}-bit, group_size={self.group_size}")
         if self.zeros is not None and tuple(self.zeros.shape) != (G, N):
             raise ValueError(f"zeros has shape {tuple(self.zeros.shape)}; expected ({G}, {N})")
         if self.perm is not None and tuple(self.perm.shape) != (K,):
@@ -153,13 +191,16 @@ class QuantizedWeight:
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
 
-    @property
-    def in_features(self) -> int:
-        return self.qweight.shape[0] * (32 // self.bits)
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scales, zeros, bits: int, group_size: int, perm=None, source="rtn",
+                   error=None) -> "QuantizedWeight":
+        """From integer codes ``q (K, N)`` (stored column order) in [0, 2**bits)."""
+        return cls(repack_codes(q, bits), scales, zeros, bits, group_size, perm, source, error,
+                   layout="repacked", in_features=q.shape[0])
 
     @property
     def out_features(self) -> int:
-        return self.qweight.shape[1]
+        return self.qweight.shape[0]
 
     @property
     def shape(self) -> tuple:
@@ -169,6 +210,14 @@ class QuantizedWeight:
     @property
     def device(self) -> torch.device:
         return self.qweight.device
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes ``q (K, N)`` int64, in stored column order (perm applied)."""
+        return unrepack_codes(self.qweight, self.in_features, self.bits)
+
+    def gptq_qweight(self) -> torch.Tensor:
+        """The codes in GPTQ's qweight layout, int32 ``(K // PACK, N)`` (stored column order)."""
+        return pack_rows(self.codes(), self.bits)
 
     def to(self, device=None, dtype=None) -> "QuantizedWeight":
         """Move to a device; ``dtype`` changes the scales' dtype only (the codes stay integers)."""
@@ -193,7 +242,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.T
     original input-feature order (act-order undone). Computed in fp32 (fp64 for fp64) and rounded once."""
     dtype = dtype or qw.scales.dtype
     ct = torch.promote_types(dtype, torch.float32)
-    q = unpack_rows(qw.qweight, qw.bits)                                   # (K, N) codes, stored order
+    q = qw.codes()                                                         # (K, N) codes, stored order
     rep = lambda t: t.repeat_interleave(qw.group_size, dim=0)            # noqa: E731  (G, N) -> (K, N)
     w_t = (q - rep(_zero_points(qw))).to(ct) * rep(qw.scales.to(ct))     # (K, N)
     if qw.perm is not None:
@@ -238,11 +287,8 @@ def quantize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: 
     # codes from the scale as stored (rounded to w's dtype), so dequantize reproduces what we chose
     q = torch.round(wg / scale.float()[..., None]) + zero[..., None]
     q = q.clamp(0, maxq).to(torch.int64).reshape(N, K)
-    qw = QuantizedWeight(
-        qweight=pack_rows(q.t().contiguous(), bits), scales=scale.t().contiguous(),
-        zeros=None if sym else zero.t().contiguous().to(zeros_dtype(bits)),
-        bits=bits, group_size=group_size, source="rtn",
-    )
+    qw = QuantizedWeight.from_codes(q.t(), scale.t().contiguous(),
+                                    None if sym else zero.t().contiguous().to(zeros_dtype(bits)), bits, group_size)
     diff = dequantize(qw, torch.float32) - w.detach().float()
     qw.error = {"max_abs": diff.abs().max().item(),
                 "rel_fro": (diff.norm() / w.detach().float().norm().clamp_min(1e-30)).item()}
@@ -319,10 +365,11 @@ def import_gptq(qweight, qzeros, scales, g_idx=None, bits: int = 4, group_size: 
     if checkpoint_format == "gptq":
         zeros = zeros + 1                                                # v1 stores zero - 1
     perm = _act_order_perm(g_idx, K, group_size)
+    q = unpack_rows(qweight, bits)                                       # (K, N), feature order
     if perm is not None:
-        qweight = pack_rows(unpack_rows(qweight, bits)[perm.long()], bits)
-    return QuantizedWeight(qweight=qweight.contiguous(), scales=scales.contiguous(), zeros=_finish_zeros(zeros, bits),
-                           bits=bits, group_size=group_size, perm=perm, source=checkpoint_format)
+        q = q[perm.long()]                                               # stored order: groups contiguous
+    return QuantizedWeight.from_codes(q, scales.contiguous(), _finish_zeros(zeros, bits), bits, group_size, perm,
+                                      source=checkpoint_format)
 
 
 def import_awq(qweight, qzeros, scales, bits: int = 4, group_size: int | None = None) -> QuantizedWeight:
@@ -343,8 +390,7 @@ def import_awq(qweight, qzeros, scales, bits: int = 4, group_size: int | None = 
         raise ValueError(f"qzeros has shape {tuple(qzeros.shape)}; expected ({G}, {N // 8})")
     q = unpack_cols(qweight, 4, AWQ_ORDER)                               # (K, N)
     zeros = unpack_cols(qzeros, 4, AWQ_ORDER)                            # (G, N)
-    return QuantizedWeight(qweight=pack_rows(q, 4), scales=scales.contiguous(), zeros=_finish_zeros(zeros, 4),
-                           bits=4, group_size=group_size, source="awq")
+    return QuantizedWeight.from_codes(q, scales.contiguous(), _finish_zeros(zeros, 4), 4, group_size, source="awq")
 
 
 def import_int8(weight: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
@@ -359,79 +405,36 @@ def import_int8(weight: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
     if K % 4:
         raise ValueError(f"in_features K={K} must be a multiple of 4 for 8-bit packing")
     codes = weight.to(torch.int64).t() + 128                           # (K, N) in [0, 255]
-    return QuantizedWeight(qweight=pack_rows(codes, 8), scales=scales.reshape(1, N).contiguous(), zeros=None,
-                           bits=8, group_size=K, source="int8")
+    return QuantizedWeight.from_codes(codes, scales.reshape(1, N).contiguous(), None, 8, K, source="int8")
 
 
-# ------------------------------------------------------------------------------------------ whole models
-def _skipped(name: str, skip) -> bool:
-    return any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip)
-
-
-def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, skip=("lm_head",),
-                   sym: bool = True) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (in place) by a ``layers.QuantLinear`` with RTN-quantized
-    weights, except those whose name (full dotted name or last component) is in ``skip``.
-
-    Works on any nn.Module (our model, a transformers Llama, ...). Layers whose in_features the group size
-    does not divide raise ValueError naming the layer (pass group_size=-1 for per-channel scales).
-    Returns the model.
-    """
-    from .layers import QuantLinear
-
-    _check_bits(bits)
-    if isinstance(skip, str):
-        skip = (skip,)
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and name and not _skipped(name, skip)]
-    for name, lin in targets:
-        gs = lin.in_features if group_size == -1 else group_size
-        if lin.in_features % gs:
-            raise ValueError(f"layer {name!r}: in_features={lin.in_features} is not divisible by group_size={group_size}")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(lin, bits=bits, group_size=group_size, sym=sym))
-    return model
-
-
-def load_quantized_state_dict(model: nn.Module, state_dict: dict, quant_method: str = "gptq", bits: int = 4,
-                              checkpoint_format: str = "gptq") -> list:
-    """Swap in the quantized linears of a GPTQ / AWQ checkpoint (in place) and return their names.
-
-    ``state_dict`` maps HF-style names to tensors (e.g. a safetensors file's contents): every
-    ``<name>.qweight`` with its ``<name>.qzeros``, ``<name>.scales`` (and for GPTQ an optional
-    ``<name>.g_idx``; an optional ``<name>.bias``) replaces the ``nn.Linear`` (or QuantLinear) ``<name>`` of
-    ``model`` by ``layers.QuantLinear.from_gptq`` / ``from_awq``, on that module's device, checking its
-    shape. The remaining (unquantized) tensors are not touched: load them with ``model.load_state_dict(...,
-    strict=False)``.
-    """
-    from .layers import QuantLinear
-
-    if quant_method not in ("gptq", "awq"):
-        raise ValueError(f"quant_method must be 'gptq' or 'awq', got {quant_method!r}")
-    replaced = []
-    for key in sorted(k for k in state_dict if k.endswith(".qweight")):
-        name = key[: -len(".qweight")]
-        missing = [f"{name}.{s}" for s in ("qzeros", "scales") if f"{name}.{s}" not in state_dict]
-        if missing:
-            raise ValueError(f"checkpoint has {key} but not {', '.join(missing)}")
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"checkpoint tensor {key} has no module {name!r} in the model") from e
-        t = lambda s: state_dict.get(f"{name}.{s}")  # noqa: E731
-        if quant_method == "gptq":
-            new = QuantLinear.from_gptq(t("qweight"), t("qzeros"), t("scales"), t("g_idx"), t("bias"), bits=bits,
-                                        checkpoint_format=checkpoint_format)
-        else:
-            new = QuantLinear.from_awq(t("qweight"), t("qzeros"), t("scales"), t("bias"))
-        shape = (getattr(old, "out_features", None), getattr(old, "in_features", None))
-        if shape != (new.out_features, new.in_features):
-            raise ValueError(f"{name}: the checkpoint holds a {new.out_features}x{new.in_features} weight but the "
-                             f"model's module is {shape[0]}x{shape[1]}")
-        ref = next(iter(old.buffers()), None) if not isinstance(old, nn.Linear) else old.weight
-        new = new.to(ref.device if ref is not None else "cpu")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        replaced.append(name)
-    return replaced
+# ------------------------------------------------------------------------------------------ GPTQ export
+def to_gptq(qw: QuantizedWeight, checkpoint_format: str = "gptq") -> dict:
+    """A QuantizedWeight as a standard GPTQ checkpoint's tensors (what ``import_gptq`` reads back):
+    ``qweight`` int32 (K/PACK, N) in input-feature order, ``qzeros`` int32 (G, N/PACK) packed along N
+    (v1 ``"gptq"``: zero - 1; ``"gptq_v2"``: the zero point), ``scales`` (G, N) and ``g_idx`` int32 (K,)
+    (each feature's group: act-order survives). Raises ValueError for a zero point the format cannot hold
+    (v1: 0; v2: 2**bits) or N not a multiple of PACK."""
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ValueError(f"checkpoint_format must be 'gptq' (v1) or 'gptq_v2', got {checkpoint_format!r}")
+    pack, maxq = 32 // qw.bits, (1 << qw.bits) - 1
+    K, N = qw.in_features, qw.out_features
+    if N % pack:
+        raise ValueError(f"out_features N={N} must be a multiple of {pack} to pack {qw.bits}-bit GPTQ qzeros")
+    q = qw.codes()                                                       # (K, N) stored order
+    g_idx = torch.arange(K, device=q.device, dtype=torch.int32) // qw.group_size
+    if qw.perm is not None:                                              # stored column j is feature perm[j]
+        perm = qw.perm.long()
+        q_feat, g_feat = torch.empty_like(q), torch.empty_like(g_idx)
+        q_feat[perm], g_feat[perm] = q, g_idx
+        q, g_idx = q_feat, g_feat
+    z = _zero_points(qw)                                                 # (G, N) int64
+    if checkpoint_format == "gptq":
+        if bool((z == 0).any()):
+            raise ValueError("a zero point is 0, which GPTQ v1 (stored zero - 1) cannot represent; "
+                             "use checkpoint_format='gptq_v2'")
+        z = z - 1
+    if bool((z > maxq).any()):
+        raise ValueError(f"a zero point exceeds {maxq}, which {checkpoint_format} cannot store in {qw.bits} bits")
+    return {"qweight": pack_rows(q, qw.bits), "qzeros": pack_cols(z, qw.bits), "scales": qw.scales.contiguous(),
+            "g_idx": g_idx}

@@ -1,6 +1,8 @@
 """Quantized matmul (W4A16 / W8A16): every weight format against ``x @ dequantize(W).T`` under the 2x rule,
 both kernel paths, exact GPTQ/AWQ import (tensors built by small packers written from the format
 descriptions), QuantLinear, quantize_model on a transformers Llama, and bad input."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -140,15 +142,16 @@ def test_leading_dims_and_non_contiguous_x(fmt):
 
 
 def test_paths_chosen_by_m(monkeypatch):
-    """M <= 16 -> the split-K decode kernel, M > 16 -> the tiled GEMM; both are exercised above."""
+    """M <= 4 -> GEMV, M <= 16 -> the decode dot kernel, M > 16 -> the tiled GEMM; all exercised above."""
     seen = []
     real = quant_gemm._kernel
-    monkeypatch.setattr(quant_gemm, "_kernel", lambda decode, bk: seen.append(decode) or real(decode, bk))
+    monkeypatch.setattr(quant_gemm, "_kernel", lambda path: seen.append(path) or real(path))
     qw = _fmt("rtn-4-32-sym").to(DEVICE)
-    for M in (1, 16, 17):
+    for M in (1, 4, 5, 16, 17):
         quant_matmul(torch.randn(M, qw.in_features, device=DEVICE), qw)
-    assert seen == [True, True, False]
-    assert real(True, 32).configs[0].kwargs["SPLIT_K"] > 1 or DEVICE == "cuda"  # the CPU test covers split-K
+    assert seen == ["gemv", "gemv", "dot", "dot", "prefill"]
+    if DEVICE != "cuda":  # the CPU tests cover the in-launch split-K reduction on both decode paths
+        assert all(real(p).configs[0].kwargs["SPLIT_K"] > 1 for p in ("gemv", "dot"))
 
 
 @pytest.mark.parametrize("group", [16, -1])
@@ -168,7 +171,7 @@ def test_empty_rows():
 def test_the_check_can_fail():
     """A wrong weight (one zero point off by one) must not pass the comparison."""
     qw = _fmt("rtn-4-64-asym").to(DEVICE)
-    bad = quant.QuantizedWeight(qw.qweight, qw.scales, qw.zeros + 1, qw.bits, qw.group_size)
+    bad = dataclasses.replace(qw, zeros=qw.zeros + 1)
     x = torch.randn(3, qw.in_features, device=DEVICE)
     c = testing.compare("y", quant_matmul(x, bad), reference.quant_matmul(x, qw), reference.quant_matmul(x.double(), qw))
     assert not c.ok
@@ -393,15 +396,17 @@ def _qw():
         (lambda: quant_matmul(torch.randn(2, K_GROUPED).long(), _qw()), TypeError, "x has dtype int64"),
         (lambda: quant_matmul(torch.randn(2, K_GROUPED), _qw().qweight), TypeError, "QuantizedWeight"),
         (lambda: quant_matmul(torch.randn(2, K_GROUPED, device="meta"), _qw()), ValueError, "is on"),
-        (lambda: quant_gemm.quant_matmul(torch.randn(2, 64), torch.zeros(8, 4, dtype=torch.int32),
+        (lambda: quant_gemm.quant_matmul(torch.randn(2, 64), torch.zeros(4, 16, dtype=torch.int32),
                                          torch.ones(2, 4), bits=3, group_size=32), ValueError, "bits must be one of"),
-        (lambda: quant_gemm.quant_matmul(torch.randn(2, 64), torch.zeros(8, 4, dtype=torch.int32),
+        (lambda: quant_gemm.quant_matmul(torch.randn(2, 64), torch.zeros(4, 16, dtype=torch.int32),
                                          torch.ones(3, 4), group_size=32), ValueError, "scales has shape"),
-        (lambda: quant_gemm.quant_matmul(torch.randn(2, 64), torch.zeros(8, 4, dtype=torch.int64),
+        (lambda: quant_gemm.quant_matmul(torch.randn(2, 64), torch.zeros(4, 16, dtype=torch.int64),
                                          torch.ones(2, 4), group_size=32), TypeError, "qweight has dtype"),
-        (lambda: quant_gemm.quant_matmul(torch.randn(2, 64), torch.zeros(8, 4, dtype=torch.int32),
+        (lambda: quant_gemm.quant_matmul(torch.randn(2, 64), torch.zeros(4, 16, dtype=torch.int32),
                                          torch.ones(2, 4), torch.zeros(2, 5, dtype=torch.uint8), group_size=32),
          ValueError, "zeros has shape"),
+        (lambda: quant_gemm.quant_matmul(torch.randn(2, 64), torch.zeros(8, 4, dtype=torch.int32),
+                                         torch.ones(2, 4), group_size=32), ValueError, "repacked layout"),
         (lambda: quant.QuantizedWeight(torch.zeros(8, 4, dtype=torch.int32), torch.ones(3, 4), None, 4, 32),
          ValueError, "scales has shape"),
         (lambda: quant.import_gptq(torch.zeros(8, 16, dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int32),

@@ -24,18 +24,19 @@ def _quant_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Te
 
 @_quant_matmul.register_fake
 def _(x, qweight, scales, zeros, perm, bits, group_size):
-    return x.new_empty((x.shape[0], qweight.shape[1]))
+    return x.new_empty((x.shape[0], qweight.shape[0]))                  # qweight: repacked (N, KP // PACK)
 
 
 def _setup(ctx, inputs, output):
     _, qweight, scales, zeros, perm, bits, group_size = inputs
     ctx.save_for_backward(qweight, scales, zeros, perm)
-    ctx.bits, ctx.group_size = bits, group_size
+    ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, inputs[0].shape[-1]
 
 
 def _backward(ctx, dy):
     qweight, scales, zeros, perm = ctx.saved_tensors
-    qw = QuantizedWeight(qweight, scales, zeros, ctx.bits, ctx.group_size, perm)
+    qw = QuantizedWeight(qweight, scales, zeros, ctx.bits, ctx.group_size, perm, layout="repacked",
+                         in_features=ctx.in_features)
     dx = dy @ dequantize(qw, dy.dtype)                       # (M, N) @ (N, K)
     return dx, None, None, None, None, None, None
 
@@ -51,8 +52,8 @@ def _check(x, qweight):
     K.check_inputs(x, qweight.qweight, qweight.scales, qweight.zeros, qweight.perm, qweight.bits, qweight.group_size)
 
 
-def quant_matmul(x: Tensor, qweight: QuantizedWeight) -> Tensor:
 @backend.public_op(like={"x": "qweight.scales"})
+def quant_matmul(x: Tensor, qweight: QuantizedWeight) -> Tensor:
     """``y = x @ W.T`` for a quantized weight ``W (N, K)`` (the ``nn.Linear`` convention, no bias).
 
     Args:
@@ -62,7 +63,8 @@ def quant_matmul(x: Tensor, qweight: QuantizedWeight) -> Tensor:
 
     Returns:
         ``(..., N)`` in x's dtype. fp32 accumulation; the weight is dequantised inside the kernel's K loop.
-        M = prod(leading dims) <= 16 runs the split-K decode kernel, larger M the tiled GEMM.
+        One launch: M = prod(leading dims) <= 4 runs the GEMV, <= 16 the decode dot kernel (split-K reduced
+        in the same launch), larger M the tiled GEMM.
 
     Runs the Triton kernel or the PyTorch reference (``x @ dequantize(W).T``) as llama_triton.backend
     decides. Differentiable in x only.
