@@ -7,6 +7,7 @@ Missing, unexpected or mis-shaped tensors raise one CheckpointError listing all 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -21,7 +22,26 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class CheckpointError(ValueError):
-    """The checkpoint's tensors do not match the model (the message lists every problem)."""
+    """The checkpoint cannot be loaded into the model: a file that cannot be read (named), or tensors that do
+    not match it (the message lists every problem, naming file and tensor)."""
+
+
+@contextlib.contextmanager
+def _safe_open(filename: str, **kwargs):
+    """safetensors' safe_open, its errors (a truncated, empty or corrupt file: safetensors checks the header
+    and the file size on opening) as a CheckpointError naming the file."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(filename, framework="pt", **kwargs)
+        f = handle.__enter__()
+    except Exception as e:       # safetensors_rust.SafetensorError, OSError, ...: say which file
+        raise CheckpointError(f"{filename}: cannot read the safetensors file ({type(e).__name__}: {e}); "
+                              "it may be truncated or corrupt: download or save it again") from e
+    try:
+        yield f
+    finally:
+        handle.__exit__(None, None, None)
 
 
 def _parse_dtype(dtype):
@@ -34,20 +54,21 @@ def _parse_dtype(dtype):
 
 def checkpoint_files(path) -> dict[str, str]:
     """tensor name -> safetensors file path for the checkpoint directory `path` (single file or sharded)."""
-    from safetensors import safe_open
-
     path = os.fspath(path)
     index = os.path.join(path, INDEX)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from e
         missing = sorted({fn for fn in weight_map.values() if not os.path.exists(os.path.join(path, fn))})
         if missing:
             raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
         return {name: os.path.join(path, fn) for name, fn in weight_map.items()}
     single = os.path.join(path, SINGLE)
     if os.path.exists(single):
-        with safe_open(single, framework="pt") as f:
+        with _safe_open(single) as f:
             return {name: single for name in f.keys()}
     raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {path!r}")
 
@@ -61,12 +82,14 @@ def expected_tensors(model) -> dict[str, tuple]:
 def load_pretrained(path, dtype=None, device=None, strict: bool = True):
     """A LlamaForCausalLM from HF-format directory `path`, its weights in `dtype` (default: the checkpoint's
     own dtype) on `device` (default cpu)."""
-    from safetensors import safe_open
-
     from .config import LlamaConfig
     from .model import LlamaForCausalLM
 
-    config = LlamaConfig.from_hf_config(path)
+    try:
+        config = LlamaConfig.from_hf_config(path)
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        where = os.path.join(os.fspath(path), CONFIG) if os.path.isdir(path) else os.fspath(path)
+        raise CheckpointError(f"{where}: not a valid model config ({type(e).__name__}: {e})") from e
     dtype = _parse_dtype(dtype)
     device = torch.device(device or "cpu")
     files = checkpoint_files(path)
@@ -80,7 +103,7 @@ def load_pretrained(path, dtype=None, device=None, strict: bool = True):
     for name, fn in files.items():
         by_file.setdefault(fn, []).append(name)
     for fn, names in by_file.items():
-        with safe_open(fn, framework="pt") as f:
+        with _safe_open(fn) as f:
             for name in names:
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
@@ -106,9 +129,15 @@ def load_pretrained(path, dtype=None, device=None, strict: bool = True):
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()                                          # to_empty un-ties shared parameters
     params = dict(model.named_parameters())
+    float_params = {n for n, p in model.named_parameters() if p.is_floating_point()}
+    mis_typed = sorted(f"{n} ({files[n]}): {ckpt_dtypes[n]}, the parameter is floating point"
+                       for n in float_params & set(ckpt_dtypes) if not ckpt_dtypes[n].startswith(("F", "BF")))
+    if mis_typed:                # an integer tensor would load silently (copy_ converts): never allowed
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} has integer tensors for float parameters: "
+                              + ", ".join(mis_typed))
     with torch.no_grad():
         for fn, names in by_file.items():
-            with safe_open(fn, framework="pt", device="cpu") as f:
+            with _safe_open(fn, device="cpu") as f:
                 for name in names:
                     if name in params:
                         params[name].copy_(f.get_tensor(name))   # one tensor at a time

@@ -14,6 +14,19 @@ import torch
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class UserError(Exception):
+    """A mistake in the command line (unknown op, missing file, bad preset): main prints one line, exits 2."""
+
+
+def _check_op(name) -> None:
+    """--op must name a registry op (call after _select_runtime: the registry imports triton)."""
+    from . import registry
+
+    names = [s.name for s in registry.REGISTRY]
+    if name and name not in names:
+        raise UserError(f"--op {name!r} is not a registered op; choose one of {', '.join(names)}")
+
+
 def _select_runtime() -> str:
     """Use CUDA when present; otherwise run the kernels in Triton's interpreter. Returns the device."""
     if torch.cuda.is_available():
@@ -29,6 +42,7 @@ def cmd_verify(args) -> int:
     device = _select_runtime()
     from . import backend, registry, testing
 
+    _check_op(args.op)
     print(backend.describe())
     dtypes = [DTYPE_NAMES[d] for d in args.dtype] if args.dtype else (
         [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else []))
@@ -52,6 +66,7 @@ def cmd_bench(args) -> int:
     _select_runtime()
     from . import bench
 
+    _check_op(args.op)
     return bench.run(op=args.op, out_dir=args.out)
 
 
@@ -71,19 +86,33 @@ def _load_model(args):
 
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     if getattr(args, "model", None):
-        return LlamaForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+        if not os.path.isdir(args.model):
+            raise UserError(f"--model {args.model}: no such directory")
+        try:
+            return LlamaForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise UserError("; ".join(str(e).splitlines())) from e
     overrides = {"num_hidden_layers": args.layers} if getattr(args, "layers", None) else {}
-    return LlamaForCausalLM.random(LlamaConfig.preset(args.preset, **overrides), dtype=dtype, device=device)
+    try:
+        config = LlamaConfig.preset(args.preset, **overrides)
+    except ValueError as e:
+        raise UserError(f"--preset: {e}") from e
+    return LlamaForCausalLM.random(config, dtype=dtype, device=device)
 
 
 def cmd_generate(args) -> int:
     _select_runtime()                         # before anything imports triton
     import time
 
-    from .tokenizer import load_tokenizer
+    from .checkpoint import CheckpointError
+
+    from .tokenizer import tokenizer_for_model
 
     model = _load_model(args)
-    tok = load_tokenizer(args.model)
+    try:
+        tok = tokenizer_for_model(args.model, model.config)
+    except ValueError as e:
+        raise UserError(str(e)) from e
     ids = torch.tensor([tok.encode(args.prompt)], device=model.device)
     print(args.prompt, end="", flush=True)
     printed = [ids.shape[1]]
@@ -106,7 +135,7 @@ def cmd_eval(args) -> int:
     _select_runtime()                         # before anything imports triton
     from .demo import Progress
     from .evaluate import perplexity
-    from .tokenizer import load_tokenizer
+    from .tokenizer import tokenizer_for_model
 
     model = _load_model(args)
     with open(args.text, encoding="utf-8") as f:
@@ -119,7 +148,13 @@ def cmd_eval(args) -> int:
     res = perplexity(model, ids, max_length=args.max_length, stride=args.stride, progress=progress)
     print(f"perplexity {res.ppl:.4f} (nll {res.nll:.4f} nats/token) over {res.tokens} tokens, {res.windows} "
           f"windows of {args.max_length}; {res.tokens_per_s:.1f} tokens/s ({res.seconds:.2f} s)")
+    if not os.path.isfile(args.text):              # before the (slow) model load
+        raise UserError(f"--text {args.text}: no such file")
     return 0
+    try:
+        tok = tokenizer_for_model(args.model, model.config)
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
 def cmd_profile(args) -> int:
@@ -188,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as e:                  # the user's mistake: one line, no traceback
+        print(f"llama-triton {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -54,3 +54,20 @@ def load_tokenizer(path=None):
 
         return HFTokenizer(AutoTokenizer.from_pretrained(path))
     return ByteTokenizer()
+
+
+def tokenizer_for_model(path, config):
+    """The tokenizer for the model in directory `path` with config `config`: its HF tokenizer when the
+    directory has one; else the byte tokenizer, only when the model's vocabulary holds its 260 ids (ValueError
+    otherwise: bytes would index past the embedding), with the model's own ``eos_token_id``."""
+    tok = load_tokenizer(path)
+    if not isinstance(tok, ByteTokenizer):
+        return tok
+    vocab = getattr(config, "vocab_size", 0)
+    if vocab < ByteTokenizer.vocab_size:
+        raise ValueError(f"{path}: no tokenizer files ({', '.join(_HF_FILES)}) and the model's vocab_size {vocab} "
+                         f"is below the byte tokenizer's {ByteTokenizer.vocab_size} ids; add the model's tokenizer")
+    eos = getattr(config, "eos_token_id", None)
+    if eos is not None:
+        tok.eos_token_id = eos
+    return tok

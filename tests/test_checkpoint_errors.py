@@ -1,0 +1,44 @@
+"""Broken checkpoints give a CheckpointError naming the file (and the tensor) (issue 11): a truncated, empty
+or corrupt safetensors file, a bad config.json, an integer-dtype tensor for a float parameter."""
+import json
+import os
+
+import pytest
+import torch
+
+from llama_triton.checkpoint import CheckpointError
+from llama_triton.model import LlamaConfig, LlamaForCausalLM
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    LlamaForCausalLM(LlamaConfig.preset("tiny", num_hidden_layers=1)).init_weights(0).save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "corrupt"])
+def test_broken_safetensors_file(ckpt, damage):
+    fn = ckpt / "model.safetensors"
+    data = fn.read_bytes()
+    fn.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "corrupt": b"\x07" * 64 + data[64:]}[damage])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        LlamaForCausalLM.from_pretrained(ckpt)
+
+
+def test_bad_config_json(ckpt):
+    (ckpt / "config.json").write_text('{"hidden_size": 64,')
+    with pytest.raises(CheckpointError, match="config.json"):
+        LlamaForCausalLM.from_pretrained(ckpt)
+
+
+def test_integer_tensor_for_a_float_parameter(ckpt):
+    from safetensors.torch import load_file, save_file
+
+    fn = os.fspath(ckpt / "model.safetensors")
+    tensors = load_file(fn)
+    tensors["model.norm.weight"] = torch.ones_like(tensors["model.norm.weight"], dtype=torch.int32)
+    save_file(tensors, fn)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*model\.norm\.weight.*int|model\.norm\.weight.*int"):
+        LlamaForCausalLM.from_pretrained(ckpt)
+    with open(ckpt / "config.json") as f:
+        assert json.load(f)["hidden_size"] == 64
