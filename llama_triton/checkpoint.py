@@ -21,6 +21,13 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _read_tensor(filename: str, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(filename, framework="pt", device="cpu") as f:
+        return f.get_tensor(name)
+
+
 class CheckpointError(ValueError):
     """The checkpoint cannot be loaded into the model: a file that cannot be read (named), or tensors that do
     not match it (the message lists every problem, naming file and tensor)."""
@@ -110,6 +117,13 @@ def load_pretrained(path, dtype=None, device=None, strict: bool = True):
                 sl = f.get_slice(name)
                 ckpt_shapes[name] = tuple(sl.get_shape())
                 ckpt_dtypes[name] = sl.get_dtype()
+    from .moe import build_fused, fused_shape, legacy_expert_plan   # issue 17: per-expert hub layout -> fused
+    fused = legacy_expert_plan(ckpt_shapes)
+    ckpt_shapes.update({new: fused_shape(entry, ckpt_shapes) for new, entry in fused.items()})
+    for entry in fused.values():
+        for names in entry:
+            for n in names:
+                ckpt_shapes.pop(n, None)
     tied = getattr(config, "tie_word_embeddings", False)
     missing = sorted(set(expected) - set(ckpt_shapes))
     unexpected = sorted(n for n in set(ckpt_shapes) - set(expected) if not (tied and n == "lm_head.weight"))
@@ -141,6 +155,8 @@ def load_pretrained(path, dtype=None, device=None, strict: bool = True):
                 for name in names:
                     if name in params:
                         params[name].copy_(f.get_tensor(name))   # one tensor at a time
+        for new, entry in fused.items():                             # issue 17: stacked expert tensors
+            params[new].copy_(build_fused(entry, lambda n: _read_tensor(files[n], n)))
     model.model.reset_rotary(device)
     return model.eval()
 

@@ -13,7 +13,15 @@ import os
 from dataclasses import dataclass, field
 
 # HF model_type -> architectures entry written by to_hf_dict
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+# issue 17: MoE fields; to_hf_dict writes only those of the config's own family
+_MOE_FIELDS = {"mixtral": ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits",
+                           "router_jitter_noise"),
+               "qwen2_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                             "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+                             "router_aux_loss_coef", "output_router_logits")}
+_ALL_MOE_FIELDS = sorted({f for fields in _MOE_FIELDS.values() for f in fields})
 
 
 @dataclass
@@ -50,6 +58,19 @@ class LlamaConfig:
     eos_token_id: int | list | None = 257
     pad_token_id: int | None = 258
     torch_dtype: str | None = None
+    # mixture of experts (issue 17): Mixtral (num_local_experts; the experts' size is intermediate_size) or
+    # Qwen2-MoE (num_experts, moe_intermediate_size, optional shared expert); None: a dense model
+    num_local_experts: int | None = None
+    num_experts: int | None = None
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list | None = None
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False
+    router_jitter_noise: float = 0.0
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -82,6 +103,16 @@ class LlamaConfig:
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"LlamaConfig.layer_types has {len(self.layer_types)} entries for "
                              f"{self.num_hidden_layers} layers")
+        experts = self.num_local_experts or self.num_experts
+        if experts is not None:
+            if self.model_type not in _MOE_FIELDS:
+                raise ValueError(f"LlamaConfig: experts are set but model_type {self.model_type!r} is not a MoE family "
+                                 f"({', '.join(_MOE_FIELDS)})")
+            if not isinstance(experts, int) or experts < 1:
+                raise ValueError(f"LlamaConfig.num_local_experts / num_experts must be a positive int, got {experts!r}")
+            if not isinstance(self.num_experts_per_tok, int) or not 1 <= self.num_experts_per_tok <= experts:
+                raise ValueError(f"LlamaConfig.num_experts_per_tok must be in [1, {experts}] (the number of experts), "
+                                 f"got {self.num_experts_per_tok!r}")
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx` (None: full causal attention)."""
@@ -126,8 +157,8 @@ class LlamaConfig:
         kwargs = {**_HF_DEFAULTS, **{k: v for k, v in d.items() if k in names and k != "rope_parameters"}}
         kwargs["rope_parameters"] = rope
         kwargs["model_type"] = model_type
-        if model_type == "qwen2":
-            kwargs["attention_bias"], kwargs["o_proj_bias"] = True, False
+        if model_type in ("qwen2", "qwen2_moe"):
+            kwargs["attention_bias"], kwargs["o_proj_bias"] = bool(d.get("qkv_bias", True)), False
             if not d.get("use_sliding_window", False):
                 kwargs["sliding_window"], kwargs["layer_types"] = None, None
         if model_type == "llama":
@@ -145,13 +176,16 @@ class LlamaConfig:
         d["rope_theta"] = self.rope_parameters.get("rope_theta", 10000.0)
         if self.torch_dtype:
             d["dtype"] = self.torch_dtype
-        if self.model_type == "qwen2":
+        if self.model_type in ("qwen2", "qwen2_moe"):
             if not (self.attention_bias and not o_bias):
                 raise ValueError("qwen2 configs must have q/k/v bias and no o_proj bias")
             d.pop("attention_bias")
             d["use_sliding_window"] = self.sliding_window is not None
         elif o_bias != self.attention_bias:
             raise ValueError(f"model_type {self.model_type!r} cannot express o_proj_bias != attention_bias")
+        for name in _ALL_MOE_FIELDS:                    # issue 17: only the family's own MoE fields
+            if name not in _MOE_FIELDS.get(self.model_type, ()):
+                d.pop(name)
         if self.layer_types is None:
             d.pop("layer_types")
         if self.model_type == "llama":

@@ -241,7 +241,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = SwiGLUMLP(config)
+        self.mlp = SparseMoeBlock(config) if is_moe_layer(config, layer_idx) else SwiGLUMLP(config)   # issue 17
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -510,4 +510,4 @@ class QuantLinear(nn.Module):
 
 
 from .low_rank_linear import LowRankLinear  # noqa: E402,F401  (issue 18: its own file)
-from .moe import MoeExperts, SparseMoeBlock, TopKRouter  # noqa: E402,F401  (issue 17: its own file)
+from .moe import MoeExperts, SparseMoeBlock, TopKRouter, is_moe_layer  # noqa: E402,F401  (issue 17: its own file)

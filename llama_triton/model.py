@@ -27,6 +27,7 @@ __all__ = ["PRESETS", "CausalLMOutput", "LlamaConfig", "LlamaForCausalLM", "Llam
 class CausalLMOutput:
     logits: torch.Tensor                 # (b, s, vocab) (only the last logits_to_keep positions when given)
     loss: torch.Tensor | None = None     # scalar fp32 mean next-token cross-entropy over labels != -100
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (config.output_router_logits; issue 17)
 
 
 class LlamaModel(nn.Module):
@@ -80,6 +81,10 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+        if getattr(config, "output_router_logits", False):      # issue 17: aux loss (+ coef * aux to the loss)
+            from .moe import add_aux_loss
+
+            self.register_forward_hook(add_aux_loss)
 
     def tie_weights(self) -> None:
         """lm_head shares embed_tokens' weight when config.tie_word_embeddings (LLaMA-3.2 1B/3B)."""

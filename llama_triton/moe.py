@@ -219,3 +219,74 @@ def hf_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     out = moe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights)
     return out.to(hidden_states.dtype)
+
+
+# ------------------------------------------------------------------------------ checkpoint key conversion
+_LEGACY_PARTS = {  # checkpoint naming of one expert's projections -> (gate, up, down) weight names
+    "mixtral": ("w1", "w3", "w2"),
+    "qwen": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def legacy_expert_plan(names) -> dict:
+    """How to build the fused expert tensors from a hub checkpoint that stores one Linear per expert
+    (transformers 5 still saves that layout: Mixtral ``block_sparse_moe.experts.{e}.w1/w3/w2.weight`` and
+    ``block_sparse_moe.gate.weight``; Qwen-MoE ``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight``).
+
+    Returns ``{our name: [[source names], ...]}``: our tensor is ``stack([cat(sources, 0) for each entry])``
+    for ``experts.gate_up_proj`` / ``experts.down_proj`` (one entry per expert, in expert order), or the one
+    source renamed (the Mixtral router). Names that need no conversion are not in the result."""
+    import re
+
+    pat = re.compile(r"^(.*\.layers\.\d+\.)(block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)"
+                     r"\.weight$")
+    found: dict[str, dict[int, dict[str, str]]] = {}
+    plan: dict[str, list] = {}
+    for name in names:
+        m = pat.match(name)
+        if m:
+            layer, _, e, part = m.groups()
+            found.setdefault(layer, {}).setdefault(int(e), {})[part] = name
+        elif ".block_sparse_moe.gate." in name:
+            plan[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = [[name]]
+    for layer, experts in found.items():
+        n = max(experts) + 1
+        parts = next(p for p in _LEGACY_PARTS.values() if p[0] in experts[min(experts)])
+        missing = [f"{layer}...experts.{e}.{p}" for e in range(n) for p in parts if p not in experts.get(e, {})]
+        if missing:
+            raise ValueError(f"checkpoint experts are incomplete: missing {', '.join(missing[:4])}")
+        plan[f"{layer}mlp.experts.gate_up_proj"] = [[experts[e][parts[0]], experts[e][parts[1]]] for e in range(n)]
+        plan[f"{layer}mlp.experts.down_proj"] = [[experts[e][parts[2]]] for e in range(n)]
+    return plan
+
+
+def fused_shape(plan_entry, shapes: dict) -> tuple:
+    """The shape of one converted tensor, from the checkpoint shapes of its sources."""
+    if len(plan_entry) == 1 and len(plan_entry[0]) == 1 and "experts" not in plan_entry[0][0]:
+        return tuple(shapes[plan_entry[0][0]])                                     # a renamed router
+    first = [shapes[n] for n in plan_entry[0]]
+    return (len(plan_entry), sum(s[0] for s in first), *first[0][1:])
+
+
+def build_fused(plan_entry, get_tensor) -> torch.Tensor:
+    """The converted tensor: ``get_tensor(name)`` reads one checkpoint tensor."""
+    if len(plan_entry) == 1 and len(plan_entry[0]) == 1 and "experts" not in plan_entry[0][0]:
+        return get_tensor(plan_entry[0][0])
+    return torch.stack([torch.cat([get_tensor(n) for n in names], 0) for names in plan_entry])
+
+
+def add_aux_loss(model: nn.Module, args, output):
+    """Forward hook of a causal LM over SparseMoeBlocks (llama_triton.model, when
+    ``config.output_router_logits``): sets ``output.aux_loss`` to transformers' load-balancing loss over the
+    blocks' router logits of this call and, when there is an LM loss, adds ``router_aux_loss_coef * aux``
+    to it (MixtralForCausalLM's semantics)."""
+    from .ops.moe import load_balancing_loss
+
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock) and m.last_router_logits is not None]
+    if not blocks:
+        return output
+    aux = load_balancing_loss(tuple(b.last_router_logits for b in blocks), blocks[0].num_experts, blocks[0].top_k)
+    output.aux_loss = aux
+    if output.loss is not None:
+        output.loss = output.loss + model.config.router_aux_loss_coef * aux.to(output.loss.device)
+    return output

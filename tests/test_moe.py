@@ -183,6 +183,7 @@ def test_patched_model_matches_stock(family):
         assert abs(out.aux_loss.item() - ref.aux_loss.item()) < 1e-5
         assert abs(out.loss.item() - ref.loss.item()) < 1e-5
         kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None, output_router_logits=False)
+        kw["attention_mask"] = torch.ones_like(ids[:1])
         assert torch.equal(patched.generate(ids[:1], **kw), stock.generate(ids[:1], **kw))
         _, count = count_kernels(blocks[0], torch.randn(1, 3, 32))
     assert count.triton == 5 and count.syncs == 0, count.names
@@ -224,3 +225,37 @@ def test_load_balancing_loss_matches_transformers():
     mask[0, :2] = 0
     for m in (None, mask):
         assert torch.allclose(load_balancing_loss(logits, 4, 2, m), load_balancing_loss_func(logits, 4, 2, m))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_our_model_loads_moe_checkpoints(family, tmp_path):
+    """LlamaForCausalLM.from_pretrained on a transformers-saved Mixtral / Qwen2-MoE checkpoint (per-expert hub
+    layout, fused on load): logits, loss, aux loss and greedy tokens equal the stock model's."""
+    from llama_triton.config import LlamaConfig
+    from llama_triton.layers import SparseMoeBlock
+    from llama_triton.model import LlamaForCausalLM
+
+    stock = _hf_model(family, num_hidden_layers=1)
+    stock.save_pretrained(tmp_path)
+    ours = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(ours.model.layers[0].mlp, SparseMoeBlock)
+    cfg = LlamaConfig.from_hf_config(tmp_path)
+    assert (cfg.num_local_experts or cfg.num_experts) == 4 and cfg.num_experts_per_tok == 2
+    assert transformers.AutoConfig.for_model(**cfg.to_hf_dict()).model_type == family       # round trip
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, out = stock(ids, labels=ids), ours(ids, labels=ids)
+        assert (out.logits - ref.logits).abs().max() < 1e-4
+        assert abs(out.aux_loss.item() - ref.aux_loss.item()) < 1e-5 and abs(out.loss.item() - ref.loss.item()) < 1e-5
+        hf_tokens = stock.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=4,
+                                   do_sample=False, pad_token_id=0, eos_token_id=None, output_router_logits=False)
+        assert torch.equal(ours.generate(ids[:1], max_new_tokens=4), hf_tokens)
+
+
+def test_moe_config_rejects_bad_values():
+    from llama_triton.config import LlamaConfig
+
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        LlamaConfig(model_type="mixtral", num_local_experts=4, num_experts_per_tok=5)
+    with pytest.raises(ValueError, match="model_type"):
+        LlamaConfig(model_type="llama", num_experts=4)
