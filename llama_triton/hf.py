@@ -6,7 +6,8 @@
     hf.unpatch(model)
 
     hf.register()                     # or: from_pretrained(..., attn_implementation="llama_triton") builds
-                                      # our modules directly (transformers.monkey_patching)
+                                      # our modules directly (transformers.monkey_patching); global until
+    with hf.registered(): ...         # hf.unregister(), or scoped to a block
 
 Three official hooks (DESIGN.md): ``AttentionInterface.register("llama_triton", fn)`` (+ the flash-attention
 style mask function, so the attention receives None or a 2D padding mask), ``register_patch_mapping`` and
@@ -14,6 +15,7 @@ in-place ``patch``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -100,7 +102,11 @@ def patch_mapping() -> dict[str, type]:
 def register() -> dict[str, type]:
     """Register our attention function and the class patch mapping with transformers, so that
     ``AutoModelForCausalLM.from_pretrained(..., attn_implementation="llama_triton")`` builds our modules.
-    Returns the mapping registered."""
+    Returns the mapping registered.
+
+    Global until ``unregister()``: EVERY later ``from_pretrained`` / ``from_config`` of a Llama, Mistral or
+    Qwen2 model builds our modules, whatever its attn_implementation (transformers' patch mapping is
+    keyed on class names only). To scope it, use ``with hf.registered(): ...``."""
     from transformers.monkey_patching import register_patch_mapping
 
     register_attention()
@@ -118,6 +124,25 @@ def register_experts() -> None:
     from .moe import hf_experts_forward
 
     ExpertsInterface.register(ATTN_IMPLEMENTATION, hf_experts_forward)
+
+
+@contextlib.contextmanager
+def registered():
+    """``with hf.registered() as mapping: model = AutoModelForCausalLM.from_pretrained(...)``: ``register()``
+    for the block only. On exit (an error included) the class patch mapping is as before: our entries
+    removed, any entry someone else had registered for the same class names put back."""
+    from transformers.monkey_patching import get_patch_mapping, register_patch_mapping, unregister_patch_mapping
+
+    before = dict(get_patch_mapping())
+    mapping = register()
+    try:
+        yield mapping
+    finally:
+        current = get_patch_mapping()
+        unregister_patch_mapping([k for k, v in mapping.items() if current.get(k) is v])
+        restore = {k: before[k] for k in mapping if k in before}
+        if restore:
+            register_patch_mapping(restore, overwrite=True)
 
 
 def unregister() -> None:
