@@ -72,6 +72,8 @@ def _cases():
         "rms_norm_matmul": (llama_triton.rms_norm_matmul, lambda: [_r(3, 16), _r(16), _r(8, 16)], {}, lower),
         "quant_matmul": (llama_triton.quant_matmul, lambda: [_r(2, 64, dtype=F16), qw], {},
                          lambda a, dt: [a[0].to(a[1].scales.dtype), a[1]]),
+        "moe_experts": (llama_triton.moe_experts, lambda: [_r(3, 16), _r(4, 16, 16), _r(4, 16, 8),      # issue 17
+                                                           torch.tensor([[0, 1], [1, 3], [2, 0]]), _r(3, 2)], {}, lower),
     }
 
 

@@ -69,6 +69,7 @@ _moe_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------------------------ public API
+@backend.public_op("lower")     # a matmul op: under autocast every float argument goes to the autocast dtype
 def moe_experts(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
     """The experts of a sparse MoE block (transformers 5's ``MixtralExperts`` / ``Qwen3MoeExperts`` forward):
     ``out[t] = sum_k topk_weights[t, k] * down_proj[e] @ (silu(gate) * up)``, ``gate, up =
