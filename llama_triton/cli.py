@@ -170,6 +170,17 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    """Prune or factorize (then optionally quantize) a model and write a compressed checkpoint (issue 18)."""
+    device = _select_runtime()                # before anything imports triton
+    from .compress.cli import run
+
+    try:
+        return run(args, device)
+    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line (main), exit 2
+        raise UserError(str(e).splitlines()[0]) from e
+
+
 def _model_args(p, preset: bool = False) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="HF-format model directory (config.json + safetensors)")
@@ -218,6 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--count", action="store_true", help="count kernel launches and host syncs of one decode step "
                     "per layer instead (any device)")
     pr.set_defaults(func=cmd_profile)
+    c = sub.add_parser("compress", help="prune (magnitude/Wanda, N:M) or factorize (SVD/activation-aware SVD) a model")
+    c.add_argument("--model", help="HF-format model directory (default: the embedded demo model)")
+    c.add_argument("--seed", type=int, default=0, help="demo model weights seed")
+    c.add_argument("--method", required=True, choices=["magnitude", "wanda", "svd", "asvd"])
+    c.add_argument("--sparsity", type=float, help="unstructured pruning: fraction of zeros in [0, 1) (default 0.5)")
+    c.add_argument("--pattern", help="N:M pruning instead, e.g. 2:4 or 4:8")
+    c.add_argument("--ratio", type=float, help="low-rank: parameter ratio per layer in (0, 1] (default 0.5)")
+    c.add_argument("--energy", type=float, help="low-rank: rank keeping this fraction of the spectrum's energy")
+    c.add_argument("--rank", type=int, help="low-rank: one rank for every layer")
+    c.add_argument("--calib", help="calibration text file (default: Python's pydoc_data.topics)")
+    c.add_argument("--calib-samples", type=int, default=16)
+    c.add_argument("--calib-len", type=int, default=64)
+    c.add_argument("--quantize", type=int, choices=[4, 8], help="then RTN-quantize the dense linears")
+    c.add_argument("--group-size", type=int, default=-1, help="quantization group size (-1: per channel)")
+    c.add_argument("--out", required=True, help="output directory")
+    c.set_defaults(func=cmd_compress)
     return p
 
 

@@ -230,3 +230,22 @@ def test_bad_input_raises_clear_errors():
         low_rank_matmul(torch.randn(2, 10), torch.randn(3, 10), torch.randn(6, 4))
     with pytest.raises(TypeError, match="dtype"):
         low_rank_matmul(torch.randn(2, 10), torch.randn(3, 10).half(), torch.randn(6, 3))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_compress_writes_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
+    from llama_triton import cli
+
+    monkeypatch.setenv("LLAMA_TRITON_BACKEND", "torch")            # the demo model's plumbing, fast
+    out = tmp_path / "wanda"
+    assert cli.main(["compress", "--method", "wanda", "--pattern", "2:4", "--calib-samples", "2", "--calib-len", "32",
+                     "--quantize", "4", "--group-size", "16", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in text and "wrote" in text
+    model, info = compress.load_compressed(out)
+    assert info["method"] == "wanda" and info["pattern"] == "2:4"
+    assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
+    assert cli.main(["compress", "--method", "wanda", "--pattern", "4:4", "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(["compress", "--method", "svd", "--sparsity", "0.5", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "1 <= N < M" in err[0] and "--ratio" in err[1]
