@@ -161,6 +161,12 @@ def load_pretrained(path, dtype=None, device=None, strict: bool = True):
     return model.eval()
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy when it is a slice of a bigger buffer (llama_triton.packing's fused q/k/v, gate/up):
+    safetensors refuses tensors that share memory."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_pretrained(model, path, max_shard_size: int | None = None) -> None:
     """Write config.json and model.safetensors, or shards of at most `max_shard_size` bytes + the index."""
     from safetensors.torch import save_file
@@ -170,7 +176,7 @@ def save_pretrained(model, path, max_shard_size: int | None = None) -> None:
     cfg["dtype"] = str(model.dtype).replace("torch.", "")
     with open(os.path.join(path, CONFIG), "w") as f:
         json.dump(cfg, f, indent=2)
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}  # tied: stored once
+    tensors = {n: _own_storage(p.detach().contiguous().cpu()) for n, p in model.named_parameters()}  # tied: once
     if not max_shard_size:
         save_file(tensors, os.path.join(path, SINGLE), metadata={"format": "pt"})
         return

@@ -50,10 +50,12 @@ class DecodeStep:
         self.model, self.caches = model, caches
         self.fn = torch.compile(self._step, mode="reduce-overhead", dynamic=False) if compile else self._step
 
-    def _step(self, tokens, positions):
+    def _step(self, tokens, positions=None):
         return self.model(tokens, position_ids=positions, caches=self.caches).logits[:, -1].float()
 
-    def __call__(self, tokens, positions):
+    def __call__(self, tokens, positions=None):
+        """positions None (the decode path): each row's next position is its cache length, which the step
+        advances; given, the tokens are written at those positions (the general path, more launches)."""
         return self.fn(tokens, positions)
 
 
@@ -114,7 +116,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     step = DecodeStep(model, caches, compile=compile)
     out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    positions = lengths[:, None].clone()                                              # (b, 1) next position
     for t in range(max_new_tokens):
         raw = sample(logits, temperature, top_k, top_p, generator)                    # (b,) fed back
         tok = raw
@@ -126,8 +127,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
             streamer.put(tok) if hasattr(streamer, "put") else streamer(tok)
         if t == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
             break
-        logits = step(raw[:, None], positions)
-        positions += 1
+        logits = step(raw[:, None])                       # positions: the caches' lengths, advanced by the step
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
     return torch.cat([input_ids, out], 1)

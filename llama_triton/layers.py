@@ -70,7 +70,8 @@ class KVCache(nn.Module):
     it can be captured in a CUDA graph / compiled with static shapes.
     """
 
-    def __init__(self, batch: int, max_seqlen: int, n_kv_heads: int, head_dim: int, dtype=None, device=None):
+    def __init__(self, batch: int, max_seqlen: int, n_kv_heads: int, head_dim: int, dtype=None, device=None,
+                 seqlens: torch.Tensor | None = None):
         super().__init__()
         for name, val in (("batch", batch), ("max_seqlen", max_seqlen), ("n_kv_heads", n_kv_heads),
                           ("head_dim", head_dim)):
@@ -80,7 +81,11 @@ class KVCache(nn.Module):
         shape = (batch, max_seqlen, n_kv_heads, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("seqlens", torch.zeros(batch, dtype=torch.int32, device=device), persistent=False)
+        if seqlens is None:                  # one per model (LlamaForCausalLM.make_caches): pass it to every layer
+            seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        elif seqlens.shape != (batch,) or seqlens.dtype != torch.int32:
+            raise ValueError(f"KVCache: seqlens must be an int32 ({batch},) tensor, got {seqlens.dtype} {tuple(seqlens.shape)}")
+        self.register_buffer("seqlens", seqlens, persistent=False)
 
     @property
     def max_seqlen(self) -> int:
@@ -182,6 +187,9 @@ class Attention(nn.Module):
         from .attention import cached_attention, causal_attention, hf_attention_forward
         from .ops.rope import apply_rotary_pos_emb
 
+        rope_table = kwargs.pop("rope_table", None)
+        if rope_table is not None and hasattr(cache, "seqlens"):                      # our decode step
+            return self._decode_step(hidden_states, cache, rope_table), None
         if position_embeddings is None:
             raise ValueError("Attention.forward needs position_embeddings=(cos, sin) from RotaryEmbedding")
         if cache is None:
@@ -189,9 +197,7 @@ class Attention(nn.Module):
         if self.training and self.attention_dropout > 0:
             raise NotImplementedError("Attention: attention dropout is not implemented; set attention_dropout=0")
         b, s, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)                 # (b, s, h, d)
-        k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim)                 # (b, s, h_kv, d)
-        v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim)                 # (b, s, h_kv, d)
+        q, k, v = (t.view(b, s, -1, self.head_dim) for t in self._qkv(hidden_states))  # (b, s, h | h_kv, d)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)   # (b, h, s, d), (b, h_kv, s, d)
         if cache is None and attention_mask is None:             # packed documents: cu_seq_lens_q (varlen)
@@ -213,6 +219,30 @@ class Attention(nn.Module):
             out, _ = hf_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling,
                                           sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(b, s, -1)), None                              # (b, s, hidden)
+
+    def _qkv(self, x):
+        """q, k, v projections of x (b, s, hidden): one GEMM over the packed weight when q/k/v_proj are packed
+        (``llama_triton.packing``) and no gradient is needed, else one per projection."""
+        from .packing import packed_weight
+
+        packed = None if torch.is_grad_enabled() else packed_weight((self.q_proj, self.k_proj, self.v_proj))
+        if packed is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        y = torch.nn.functional.linear(x, *packed)                                   # (b, s, (h + 2 h_kv) d)
+        return y.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+
+    def _decode_step(self, hidden_states, cache, rope_table):
+        """The decode step over our KVCache, 3 launches: q/k/v GEMM, RoPE + KV append + attention
+        (``decode_attention_with_kvcache``, + a merge launch when the cache is split), o_proj. ``cache.seqlens``
+        holds the lengths before this step (the model advances it once per step, for all layers)."""
+        from .attention import window_size
+        from .ops.decode_attention import decode_attention_with_kvcache
+
+        b, s, _ = hidden_states.shape
+        q, k, v = (t.view(b, s, -1, self.head_dim) for t in self._qkv(hidden_states))
+        out = decode_attention_with_kvcache(q, cache.k, cache.v, k, v, cache.seqlens, rope_table[0], rope_table[1],
+                                            softmax_scale=self.scaling, window_size=window_size(self.sliding_window))
+        return self.o_proj(out.reshape(b, s, -1))                                    # (b, s, hidden)
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "Attention":
@@ -246,13 +276,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
-                position_embeddings=None, **kwargs):
-        residual = hidden_states
-        h = self.input_layernorm(hidden_states)
+                position_embeddings=None, residual=None, return_residual: bool = False, **kwargs):
+        """``residual`` given: the layer input is ``residual + hidden_states`` (the previous layer's unsummed
+        output), added inside input_layernorm; ``return_residual=True`` returns ``(mlp_out, residual)``
+        unsummed, for the next layer's (or the final) norm to add: no separate add launch per layer."""
+        if residual is None:
+            residual = hidden_states
+            h = self.input_layernorm(hidden_states)
+        else:
+            h, residual = self.input_layernorm(hidden_states, residual)             # residual + x, normed
         h, _ = self.self_attn(h, position_embeddings=position_embeddings, attention_mask=attention_mask,
                               cache=cache, position_ids=position_ids, **kwargs)
         h, residual = self.post_attention_layernorm(h, residual)                    # residual + attn, normed
-        return residual + self.mlp(h)
+        h = self.mlp(h)
+        return (h, residual) if return_residual else residual + h
 
 
 class RotaryEmbedding(nn.Module):
@@ -299,6 +336,22 @@ class RotaryEmbedding(nn.Module):
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
+    def table(self, n: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(cos, sin)`` ``(n, head_dim)`` for positions ``0..n-1`` in `dtype`, built once (cached while n,
+        device and dtype fit) with ``forward``'s own ops, so row p is bit for bit ``forward`` at position p
+        (HF's values). A decode step gathers its rows inside the attention kernel: no per-step table ops.
+        None for "dynamic" rope (its frequencies depend on the sequence length)."""
+        if self.rope_type == "dynamic":
+            return None
+        cached = getattr(self, "_table", None)
+        device = torch.device(device)
+        if cached is None or cached[0].shape[0] < n or cached[0].device != device or cached[0].dtype != dtype:
+            with torch.no_grad():
+                cos, sin = self.forward(torch.empty(0, device=device, dtype=dtype),
+                                        torch.arange(n, device=device)[None])
+            self._table = cached = (cos[0], sin[0])
+        return cached
+
     def extra_repr(self) -> str:
         return f"rope_type={self.rope_type}, rotary_dim={2 * self.inv_freq.shape[0]}"
 
@@ -324,6 +377,11 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .packing import packed_weight
+
+        packed = None if torch.is_grad_enabled() else packed_weight((self.gate_proj, self.up_proj))
+        if packed is not None:                          # one GEMM over the packed gate/up weight (inference)
+            return self.down_proj(swiglu(torch.nn.functional.linear(x, *packed)))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
     @classmethod

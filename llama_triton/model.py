@@ -48,15 +48,33 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, position_ids=None, caches=None, fresh_cache: bool = False):
         b, s = input_ids.shape
         x = self.embed_tokens(input_ids)                                              # (b, s, hidden)
-        if position_ids is None:
+        packed = {}
+        table = self._decode_table(caches, x) if position_ids is None and not fresh_cache else None
+        if table is not None:              # decode step: positions = seqlens + t, RoPE inside the attention kernel
+            packed["rope_table"] = table
+        elif position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device)[None].expand(b, s)
             if caches is not None and not fresh_cache:
                 position_ids = position_ids + caches[0].seqlens[:, None].long()
-        cos, sin = self.rotary_emb(x, position_ids)                                   # (b, s, head_dim)
+        cos_sin = self.rotary_emb(x, position_ids) if table is None else None        # (b, s, head_dim) x2
+        residual = None                    # layers hand (out, residual) on: the add happens in the next norm
         for i, layer in enumerate(self.layers):
-            x = layer(x, position_ids=position_ids, cache=None if caches is None else caches[i],
-                      position_embeddings=(cos, sin), fresh_cache=fresh_cache)
-        return self.norm(x)
+            x, residual = layer(x, position_ids=position_ids, cache=None if caches is None else caches[i],
+                                position_embeddings=cos_sin, fresh_cache=fresh_cache, residual=residual,
+                                return_residual=True, **packed)
+        if table is not None:
+            caches[0].seqlens.add_(s)      # one seqlens for every layer: advanced once per step
+        return self.norm(x, residual)[0]
+
+    def _decode_table(self, caches, x):
+        """The (cos, sin) tables for a decode step over `caches` when it can take the fused path (our
+        KVCaches sharing one seqlens, at most 16 new tokens, a static rope type), else None."""
+        from .kernels.decode_attention import MAX_Q_LEN
+
+        if (caches is None or x.shape[1] > MAX_Q_LEN or torch.is_grad_enabled()
+                or not all(getattr(c, "seqlens", None) is caches[0].seqlens for c in caches)):
+            return None
+        return self.rotary_emb.table(caches[0].max_seqlen, x.device, x.dtype)
 
 
 def _init_parameters(model: nn.Module, normal_) -> None:
@@ -148,10 +166,14 @@ class LlamaForCausalLM(nn.Module):
 
     def make_caches(self, batch: int, max_seqlen: int, dtype=None, device=None) -> list:
         """One static KVCache per layer: (batch, max_seqlen, n_kv_heads, head_dim) buffers."""
+        from .packing import pack_model_
+
         c = self.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        pack_model_(self)                  # q/k/v and gate/up as one GEMM each (same parameters, one buffer)
+        seqlens = torch.zeros(batch, dtype=torch.int32, device=device or self.device)   # one for all layers
         return [KVCache(batch, max_seqlen, c.num_key_value_heads, head_dim, dtype=dtype or self.dtype,
-                    device=device or self.device) for _ in range(c.num_hidden_layers)]
+                        device=device or self.device, seqlens=seqlens) for _ in range(c.num_hidden_layers)]
 
     def generate(self, input_ids, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
         """See llama_triton.generate.generate."""

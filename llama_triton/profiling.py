@@ -168,6 +168,22 @@ def _is_sync(func, args, kwargs) -> bool:
     return False
 
 
+def _returns_tensor(func) -> bool:
+    """Ops that return no tensor (promote_types, sym sizes, ...) compute nothing on the device."""
+    return any("Tensor" in str(r.type) for r in func._schema.returns)
+
+
+def _custom_op_impl(func):
+    """The Python function behind a torch.library.custom_op (run under the counting mode), or None."""
+    try:
+        from torch._library.custom_ops import _maybe_get_opdef
+
+        opdef = _maybe_get_opdef(func._schema.name)
+    except Exception:  # a private API: without it, a custom op's inner ATen ops are simply not seen
+        return None
+    return getattr(opdef, "_init_fn", None)
+
+
 def count_kernels(fn, *args, scopes: dict | None = None, **kwargs):
     """Run ``fn(*args, **kwargs)`` once and count its kernel launches and host syncs, on any device (CPU
     included: Triton's interpreter launches count like GPU launches, and every ATen op that is not a view or
@@ -192,7 +208,7 @@ def count_kernels(fn, *args, scopes: dict | None = None, **kwargs):
         pass
     total = KernelCount()
     stack: list[KernelCount] = []
-    state = {"tolist": 0}
+    state = {"tolist": 0, "launch": 0}     # inside tolist / a Triton launch (the interpreter's own copies)
 
     def record(kind: str, name: str) -> None:
         if _checks.in_cpu_value_check():
@@ -205,10 +221,16 @@ def count_kernels(fn, *args, scopes: dict | None = None, **kwargs):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             ns, _, name = func._schema.name.partition("::")
-            if ns != "llama_triton" and not state["tolist"]:             # our custom ops: their launches count
+            if ns == "llama_triton":         # our custom ops: not a kernel; what they run inside is counted
+                impl = _custom_op_impl(func)
+                if impl is not None:
+                    with _Mode():
+                        return impl(*args, **kwargs)
+                return func(*args, **kwargs)
+            if not (state["tolist"] or state["launch"]):
                 if _is_sync(func, args, kwargs):
                     record("syncs", name)
-                elif not func.is_view and name not in _NO_KERNEL:
+                elif not func.is_view and name not in _NO_KERNEL and _returns_tensor(func):
                     record("aten", f"{name}" if ns == "aten" else f"{ns}.{name}")
             return func(*args, **kwargs)
 
@@ -218,7 +240,11 @@ def count_kernels(fn, *args, scopes: dict | None = None, **kwargs):
         def run(self, *a, grid, warmup, **kw):
             if not warmup:
                 record("triton", getattr(getattr(self, "fn", None), "__name__", "kernel"))
-            return original(self, *a, grid=grid, warmup=warmup, **kw)
+            state["launch"] += 1
+            try:
+                return original(self, *a, grid=grid, warmup=warmup, **kw)
+            finally:
+                state["launch"] -= 1
         return run
 
     orig_tolist, orig_sync = torch.Tensor.tolist, torch.cuda.synchronize
@@ -277,10 +303,9 @@ def count_decode_step(model, batch: int = 1, prompt_len: int = 8) -> KernelCount
         model(ids, caches=caches, fresh_cache=True, logits_to_keep=1)
         step = DecodeStep(model, caches)
         tok = ids[:, -1:].clone()
-        pos = torch.full((batch, 1), prompt_len, device=device)
-        step(tok, pos)                                                 # warm-up (autotune, tables)
+        step(tok)                                                      # warm-up (autotune, tables)
         layers = {f"layer {i}": layer for i, layer in enumerate(model.model.layers)}
-        _, counts = count_kernels(step, tok, pos + 1, scopes=layers)
+        _, counts = count_kernels(step, tok, scopes=layers)
     return counts
 
 
