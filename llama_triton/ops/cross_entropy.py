@@ -41,6 +41,17 @@ def _mul_fp32(grad: Tensor, go: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+def _public_result(loss: Tensor, z: Tensor, labels: Tensor, reduction: str, opts, return_z_loss: bool):
+    """The custom op's flat (loss, z) -> labels' shape for "none"; with return_z_loss, ``(loss, z.detach())``
+    (zeros when there is no z-loss: the op returned an empty tensor)."""
+    if reduction == "none":
+        loss = loss.view(labels.shape)
+    if not return_z_loss:
+        return loss
+    z = z.view(loss.shape) if opts.lse_square_scale > 0 else torch.zeros_like(loss)
+    return loss, z.detach()
+
+
 def _host_checks_enabled() -> bool:
     return not torch.compiler.is_compiling()
 
@@ -136,12 +147,7 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100, redu
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, _, z = _cross_entropy_fwd(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index, reduction,
                                     compute_grad, *opts)
-    if reduction == "none":
-        loss = loss.view(labels.shape)
-    if not return_z_loss:
-        return loss
-    z = z.view(loss.shape) if opts.lse_square_scale > 0 else torch.zeros_like(loss)
-    return loss, z.detach()
+    return _public_result(loss, z, labels, reduction, opts, return_z_loss)
 
 
 # --------------------------------------------------------------------------------- fused linear + CE
@@ -293,9 +299,4 @@ def fused_linear_cross_entropy(hidden: Tensor, lm_head_weight: Tensor, labels: T
     gb = grad and bias is not None and bias.requires_grad
     loss, _, _, _, z = _flce_fwd(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, labels.reshape(-1),
                                  ignore_index, reduction, gh, gw, accum_dtype, bias, gb, *opts)
-    if reduction == "none":
-        loss = loss.view(labels.shape)
-    if not return_z_loss:
-        return loss
-    z = z.view(loss.shape) if opts.lse_square_scale > 0 else torch.zeros_like(loss)
-    return loss, z.detach()
+    return _public_result(loss, z, labels, reduction, opts, return_z_loss)
