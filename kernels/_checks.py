@@ -16,7 +16,7 @@ def check_tensor(name: str, t, dtypes=FLOAT_DTYPES, ndim: int | None = None, min
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; allowed: {allowed}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must have {ndim} dimension{'' if ndim == 1 else 's'}, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
 
@@ -68,7 +68,9 @@ def check_residual(residual, x):
 
 def check_eps(eps):
     if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+        got = (f"a Tensor of shape {tuple(eps.shape)}" if isinstance(eps, torch.Tensor)
+               else repr(eps) if isinstance(eps, (int, float)) else f"a {type(eps).__name__}")
+        raise ValueError(f"eps must be a non-negative float, got {got}")
 
 
 def rows_view(t: torch.Tensor) -> torch.Tensor:

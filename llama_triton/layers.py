@@ -95,7 +95,7 @@ class KVCache(nn.Module):
         """Write new entries and advance the lengths; returns the ``(k, v)`` buffers.
 
         positions: int64 (or int32) ``(batch, q_len)`` absolute positions of the new tokens;
-        k, v: ``(batch, q_len, n_kv_heads, head_dim)``, cast to the cache's dtype. Sets
+        k, v: ``(batch, q_len, n_kv_heads, head_dim)`` in the cache's dtype (TypeError otherwise). Sets
         ``seqlens = max(seqlens, positions[:, -1] + 1)``. Positions are range-checked (ValueError) when they
         live on the CPU; on a GPU an out-of-range position is an indexing error of ``index_put_``.
         """
@@ -112,8 +112,9 @@ class KVCache(nn.Module):
         for name, t in (("k", k), ("v", v)):
             if tuple(t.shape) != want:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {want} (batch, q_len, n_kv_heads, head_dim)")
-            if not t.is_floating_point():
-                raise TypeError(f"{name} has dtype {t.dtype}; expected a floating-point tensor")
+            if t.dtype != self.k.dtype:            # no silent cast (a fp16 k rounded into a fp32 cache, ...)
+                raise TypeError(f"{name} has dtype {t.dtype} but the cache holds {self.k.dtype}; build the "
+                                f"KVCache with dtype={t.dtype} or cast {name}")
         if positions.device.type == "cpu" and not torch.compiler.is_compiling():
             with cpu_value_check():
                 lo, hi = int(positions.min()), int(positions.max())
@@ -121,8 +122,8 @@ class KVCache(nn.Module):
                 raise ValueError(f"positions must be in [0, max_seqlen={self.max_seqlen}), got values in [{lo}, {hi}]")
         positions = positions.long()
         rows = torch.arange(b, device=positions.device)[:, None].expand(b, q_len)   # (b, q_len)
-        self.k.index_put_((rows, positions), k.to(self.k.dtype))                     # k[b, pos[b, t]] = k[b, t]
-        self.v.index_put_((rows, positions), v.to(self.v.dtype))
+        self.k.index_put_((rows, positions), k)                                      # k[b, pos[b, t]] = k[b, t]
+        self.v.index_put_((rows, positions), v)
         torch.maximum(self.seqlens, (positions[:, -1] + 1).to(torch.int32), out=self.seqlens)
         return self.k, self.v
 

@@ -43,10 +43,13 @@ def test_update_writes_and_advances_lengths():
     assert c.seqlens.tolist() == [0, 0]
 
 
-def test_update_casts_to_the_cache_dtype():
+def test_update_refuses_another_dtype_than_the_cache():
+    """No silent cast (issue 11): a fp32 k into a fp16 cache raises; the cache's own dtype is written exactly."""
     c = KVCache(1, 4, 1, 8, dtype=torch.float16, device=DEVICE)
     k = torch.randn(1, 2, 1, 8, device=DEVICE)
-    c.update(_pos([[1, 2]]), k, k)
+    with pytest.raises(TypeError, match="but the cache holds torch.float16"):
+        c.update(_pos([[1, 2]]), k, k)
+    c.update(_pos([[1, 2]]), k.half(), k.half())
     assert c.k.dtype == torch.float16 and torch.equal(c.k[0, 1:3], k[0].half())
 
 

@@ -133,7 +133,7 @@ def test_dispatch_auto_runs_the_kernel_on_this_device(monkeypatch):
         (lambda: (torch.randn(2, 8).long(), torch.ones(8), None), TypeError, "x has dtype int64"),
         (lambda: (torch.randn(2, 8), torch.ones(8, dtype=torch.float64), None), TypeError, "weight has dtype"),
         (lambda: (torch.randn(2, 8), torch.ones(7), None), ValueError, "weight has shape"),
-        (lambda: (torch.randn(2, 8), torch.ones(2, 8), None), ValueError, "weight must have 1 dimensions"),
+        (lambda: (torch.randn(2, 8), torch.ones(2, 8), None), ValueError, "weight must have 1 dimension,"),
         (lambda: (torch.randn(2, 8), torch.ones(8), torch.randn(2, 7)), ValueError, "residual has shape"),
         (lambda: (torch.randn(2, 8), torch.ones(8), torch.randn(2, 8).half()), TypeError, "residual has dtype"),
         (lambda: (torch.randn(2, 0), torch.ones(0), None), ValueError, "hidden size"),

@@ -86,7 +86,14 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsquee
             K.check_tensor(name, t, K.FLOAT_DTYPES, ndim=4)
         qe, ke = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 1, inplace)
         return qe.transpose(1, 2), ke.transpose(1, 2)
-    K.check_inputs(q, k, cos, sin)
+    try:
+        K.check_inputs(q, k, cos, sin)
+    except ValueError as e:        # q (b, s, h, d) given with HF's default unsqueeze_dim=1: say so
+        flash = q.dim() == 4 and cos.dim() >= 2 and cos.shape[-2] == q.shape[1] != q.shape[2]
+        if not flash:
+            raise
+        raise ValueError(f"{e}; q looks like (batch, seq, heads, head_dim) (flash-attn layout): pass "
+                         "unsqueeze_dim=2") from e
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("cos/sin require grad, but apply_rotary_pos_emb treats them as constants (no gradient "
                          "flows to them); pass cos.detach() / sin.detach()")
