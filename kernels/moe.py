@@ -16,7 +16,7 @@ Alignment (``moe_align``, two launches, on the device, no host sync): the flat i
 (stable: increasing s within an expert) and each expert's run is padded to a multiple of ``BLOCK_M`` with the
 sentinel ``S``. ``sorted_ids (max_blocks * BLOCK_M,)``, ``block_expert (max_blocks,)`` (the expert of each
 M block), ``seg (E + 1,)`` (start of each expert's run in padded positions, ``seg[E]`` = total), and
-``npost (1,)`` = total. ``max_blocks = cdiv(S, BLOCK_M) + E`` bounds sum_e cdiv(count_e, BLOCK_M), so the
+``npost (1,)`` = total; slots and blocks past the total hold ``S`` and ``-1``. ``max_blocks = cdiv(S, BLOCK_M) + E`` bounds sum_e cdiv(count_e, BLOCK_M), so the
 GEMM grids are sized on the host from shapes only; programs past ``npost`` return at once. An M block holds
 rows of one expert only, so each expert's weight tile is read once per M block: at decode sizes (<= BLOCK_M
 pairs per expert) every selected expert's weights are read exactly once and unselected experts not at all.
@@ -105,6 +105,9 @@ def _moe_align_kernel(
         for b0 in range(total // BLOCK_M, max_blocks, BLOCK):                      # unused blocks: no expert
             b = b0 + tl.arange(0, BLOCK)
             tl.store(BLOCK_EXPERT + b, -1, mask=b < max_blocks)
+        for p0 in range(total, max_blocks * BLOCK_M, BLOCK):                       # and sentinel rows (every
+            p = p0 + tl.arange(0, BLOCK)                                           # output is defined)
+            tl.store(SORTED + p, S, mask=p < max_blocks * BLOCK_M)
 
 
 # ------------------------------------------------------------------------------------ grouped GEMMs

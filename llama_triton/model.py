@@ -25,7 +25,7 @@ __all__ = ["PRESETS", "CausalLMOutput", "LlamaConfig", "LlamaForCausalLM", "Llam
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor                 # (b, s, vocab) (only the last logits_to_keep positions when given)
+    logits: torch.Tensor | None          # (b, s, vocab) (last logits_to_keep positions); None: fused loss only
     loss: torch.Tensor | None = None     # scalar fp32 mean next-token cross-entropy over labels != -100
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (config.output_router_logits; issue 17)
 
@@ -45,10 +45,15 @@ class LlamaModel(nn.Module):
         """Rebuild the rotary tables (fp32) on `device`: after a meta-device build or a dtype cast."""
         self.rotary_emb = RotaryEmbedding(self.config, device=device)
 
-    def forward(self, input_ids, position_ids=None, caches=None, fresh_cache: bool = False):
+    def forward(self, input_ids, position_ids=None, caches=None, fresh_cache: bool = False, cu_seqlens=None,
+                max_seqlen=None):
         b, s = input_ids.shape
         x = self.embed_tokens(input_ids)                                              # (b, s, hidden)
         packed = {}
+        if cu_seqlens is not None:                     # packed documents: varlen attention over b*s tokens
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())            # one host sync
+            packed = dict(cu_seq_lens_q=cu_seqlens, max_length_q=max_seqlen)
         table = self._decode_table(caches, x) if position_ids is None and not fresh_cache else None
         if table is not None:              # decode step: positions = seqlens + t, RoPE inside the attention kernel
             packed["rope_table"] = table
@@ -142,27 +147,43 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.weight.dtype
 
     def forward(self, input_ids, labels=None, position_ids=None, caches=None, fresh_cache: bool = False,
-                logits_to_keep: int = 0) -> CausalLMOutput:
-        """input_ids (b, s) int64 -> CausalLMOutput(logits (b, s, vocab), loss).
+                logits_to_keep: int = 0, shift_labels=None, num_items_in_batch=None, return_logits=None,
+                cu_seqlens=None, max_seqlen=None) -> CausalLMOutput:
+        """input_ids (b, s) int64 -> CausalLMOutput(logits (b, s, vocab) or None, loss).
 
         Training / scoring: ``caches=None`` (flash attention over the whole sequence); ``labels`` (b, s) gives
-        HF's shifted next-token loss (ignore_index -100, fp32). Inference: ``caches`` from ``make_caches``,
-        ``position_ids`` (b, s) the tokens' absolute positions (default: each cache's seqlens onward);
-        ``fresh_cache=True`` for a prefill into empty caches. ``logits_to_keep=n`` keeps the last n positions.
+        HF's shifted next-token loss (ignore_index -100, fp32; ``shift_labels`` already shifted instead;
+        ``num_items_in_batch``: sum / it, for gradient accumulation; llama_triton.loss). In training mode
+        with labels the loss is the fused linear cross-entropy and logits are not built (``out.logits`` is
+        None) unless ``return_logits=True``. Packed documents: ``cu_seqlens`` int32 (n_docs + 1,) offsets
+        into the flattened b*s tokens (varlen attention: no token sees another document) with
+        ``position_ids`` restarting per document (llama_triton.data). Inference: ``caches`` from
+        ``make_caches``, ``position_ids`` (b, s) the tokens' absolute positions (default: each cache's
+        seqlens onward); ``fresh_cache=True`` for a prefill into empty caches. ``logits_to_keep=n`` keeps the
+        last n positions.
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be (batch, seq) int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
-        hidden = self.model(input_ids, position_ids, caches, fresh_cache)               # (b, s, hidden)
+        hidden = self.model(input_ids, position_ids, caches, fresh_cache,
+                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)                # (b, s, hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)                                                    # (b, s, vocab)
-        loss = None
-        if labels is not None:
-            from .ops.cross_entropy import cross_entropy
+        has_labels = labels is not None or shift_labels is not None
+        if return_logits is None:
+            return_logits = not (self.training and has_labels)
+        if has_labels and shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:][:, -hidden.shape[1]:]  # (b, s) next tokens
+        loss_kw = dict(shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+        if not return_logits:
+            from .loss import causal_lm_loss
 
-            shift = F.pad(labels, (0, 1), value=-100)[:, 1:]                             # (b, s) next tokens
-            loss = cross_entropy(logits, shift[:, -logits.shape[1]:], ignore_index=-100)  # fp32, Triton kernel
-        return CausalLMOutput(logits, loss)
+            return CausalLMOutput(None, causal_lm_loss(hidden, self.lm_head.weight, **loss_kw) if has_labels else None)
+        logits = self.lm_head(hidden)                                                    # (b, s, vocab)
+        if not has_labels:
+            return CausalLMOutput(logits, None)
+        from .loss import logits_loss
+
+        return CausalLMOutput(logits, logits_loss(logits, **loss_kw))                    # fp32, Triton kernel
 
     def make_caches(self, batch: int, max_seqlen: int, dtype=None, device=None) -> list:
         """One static KVCache per layer: (batch, max_seqlen, n_kv_heads, head_dim) buffers."""

@@ -67,8 +67,29 @@ def test_alignment_sorts_and_pads_by_expert(tokens, E, top_k):
     assert n == ref_sorted.numel() and int(seg[-1]) == n
     assert torch.equal(sorted_ids[:n].cpu(), ref_sorted)
     assert torch.equal(block_expert[: n // 16].cpu(), ref_blocks)
-    assert (block_expert[n // 16:] == -1).all()                   # unused blocks: no expert
+    assert (block_expert[n // 16:] == -1).all() and (sorted_ids[n:] == ids.numel()).all()   # unused: defined
     assert int(seg[E - 1]) == int(seg[E])                         # the empty expert's run is empty
+
+
+def test_decode_sizes_read_each_selected_expert_once(monkeypatch):
+    """GPU tile choice: up to 16 tokens, BLOCK_M is 16 and (an expert gets at most one pair per token) every
+    selected expert's rows fit one M block, so its weights are read once; bigger batches get bigger tiles."""
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    for tokens in (1, 7, 16):
+        for experts, top_k in ((8, 2), (128, 8), (4, 4)):
+            assert K.block_m(tokens * top_k, experts) == 16
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(16)])
+    _, block_expert, _, npost = K.moe_align(ids.to(DEVICE), 8, 16)
+    used = block_expert[: int(npost) // 16].cpu()
+    assert torch.equal(used, torch.unique(ids))                   # one block per selected expert, none else
+    assert K.block_m(4096 * 2, 8) == 128 and K.block_m(512 * 8, 128) == 32
+
+
+def test_custom_op_fake_impl_and_compile_tracing():
+    """The fake impl agrees with the kernel (shapes, dtypes) and AOT tracing reproduces eager outputs."""
+    x, gu, down, ids, w = SPEC.make_inputs(_shape(5, 4, 2), torch.float32, DEVICE)
+    torch.library.opcheck(torch.ops.llama_triton.moe_experts_fwd.default, (x, gu.requires_grad_(), down, ids, w, True),
+                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def test_deterministic_and_decode_launches():
