@@ -326,9 +326,18 @@ def reduce_with_options(losses, zlosses, labels, ignore_index, reduction, opts):
     return (ce if z is None else ce + z), z
 
 
+# Fewest tokens per chunk (when there are that many). Each chunk's weight-gradient GEMM reads and writes the
+# whole (V, H) fp32 dW accumulator: 2*C*V*H flop over 8*V*H bytes = C/4 flop/byte, so chunks of ~256 tokens
+# (what memory-matching gives at V = 128k) are memory-bound on an H100 (~300 flop/byte for bf16); 1024 tokens
+# make it about compute-bound at the cost of one (1024, V) buffer (256 MiB at V = 128k, bf16).
+MIN_CHUNK_TOKENS = 1024
+
+
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk so that one (chunk, vocab) logits buffer is about the size of (tokens, hidden)."""
-    return max(1, triton.next_power_of_2(triton.cdiv(n_tokens, triton.cdiv(vocab, hidden))))
+    """Tokens per chunk: one (chunk, vocab) logits buffer about the size of (tokens, hidden), but at least
+    ``MIN_CHUNK_TOKENS`` (or all the tokens, rounded up to a power of 2) for the weight gradient's throughput."""
+    matched = triton.next_power_of_2(triton.cdiv(n_tokens, triton.cdiv(vocab, hidden)))
+    return max(1, matched, min(MIN_CHUNK_TOKENS, triton.next_power_of_2(max(1, n_tokens))))
 
 
 _ADDMM_OUT_DTYPE: dict = {}

@@ -223,7 +223,9 @@ def test_flce_low_memory_accumulation(monkeypatch):
 
 
 def test_flce_default_chunk_size():
-    assert K.default_chunk_size(8192, 4096, 128256) == 256
+    assert K.default_chunk_size(8192, 4096, 128256) == K.MIN_CHUNK_TOKENS == 1024   # not 256: dW throughput
+    assert K.default_chunk_size(600, 4096, 128256) == 1024                              # all tokens in one chunk
+    assert K.default_chunk_size(1 << 16, 4096, 32000) == 8192                           # memory-matched
     assert K.default_chunk_size(5, 4096, 1000) == 8
 
 
