@@ -70,6 +70,10 @@ def _cases():
         "fused_linear_cross_entropy": (llama_triton.fused_linear_cross_entropy,
                                        lambda: [_r(8, 16), _r(32, 16), _labels(8, 32)], {}, lower),
         "rms_norm_matmul": (llama_triton.rms_norm_matmul, lambda: [_r(3, 16), _r(16), _r(8, 16)], {}, lower),
+        "moe_experts": (llama_triton.moe_experts, lambda: [_r(3, 16), _r(4, 24, 16), _r(4, 16, 12),
+                                                           torch.tensor([[0, 2], [1, 2], [3, 0]]),
+                                                           torch.rand(3, 2, generator=torch.Generator().manual_seed(5))
+                                                           .requires_grad_()], {}, lower),
         "quant_matmul": (llama_triton.quant_matmul, lambda: [_r(2, 64, dtype=F16), qw], {},
                          lambda a, dt: [a[0].to(a[1].scales.dtype), a[1]]),
         "moe_experts": (llama_triton.moe_experts, lambda: [_r(3, 16), _r(4, 16, 16), _r(4, 16, 8),      # issue 17
