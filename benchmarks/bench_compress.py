@@ -4,9 +4,10 @@ linears against dense ``torch.mm`` (cuBLAS), at decode and prefill sizes, in bf1
     python benchmarks/bench_compress.py [--out DIR] [--quick]
 
 Low-rank rows, for ``W (N, K) ~= B (N, r) @ A (r, K)`` on Llama-3-8B projection shapes and ranks r in
-{256, 1024}: ours (``low_rank_matmul``: one launch, intermediate on chip), two ``F.linear`` (cuBLAS, what
-``LowRankLinear`` runs above ``FUSED_MAX_M`` rows), their ``torch.compile``, and the dense ``F.linear`` with
-the full W. 2:4 rows: a 2:4-pruned W as ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt / CUTLASS)
+{64, 256, 1024}: ours (``low_rank_matmul``: one launch, intermediate on chip), two ``F.linear`` (cuBLAS,
+what ``LowRankLinear`` runs above ``FUSED_MAX_M`` rows or ``FUSED_MAX_RK`` elements of A), their
+``torch.compile``, and the dense ``F.linear`` with the full W (the rows say where the fused kernel wins, to
+set ``FUSED_MAX_RK``). 2:4 rows: a 2:4-pruned W as ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt / CUTLASS)
 vs the same W dense. Times are ``triton.testing`` medians (``do_bench_cudagraph`` for M <= 16, where Python
 overhead would dominate); GB/s counts weight + x + y bytes (decode), TFLOP/s the factored FLOPs (prefill);
 percentages are of the copy bandwidth / bf16 mm measured in the same run. Writes
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]        # (K, N): o_proj, up/gate, down of Llama-3-8B
-RANKS = [256, 1024]
+RANKS = [64, 256, 1024]
 M_DECODE = [1, 4, 16]
 M_PREFILL = [1024, 4096]
 

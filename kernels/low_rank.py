@@ -13,11 +13,14 @@ over the rank in ``BLOCK_R`` chunks:
 Numerics: t is rounded to x's dtype before the second product, exactly as the two-matmul PyTorch path
 rounds its intermediate, so both sit at the same distance from the fp64 oracle (the 2x rule).
 
-Cost model (why this is a decode kernel): every N tile recomputes its rows' t, so A is read
-``cdiv(N, BLOCK_N)`` times (from L2 after the first) and the x @ A.T FLOPs are repeated as often. At decode
-that is cheap next to launch overhead and the extra round trip; at prefill (large M) two cuBLAS GEMMs are
-the right tool, and ``llama_triton.LowRankLinear`` uses them above ``FUSED_MAX_M`` rows (a GPU benchmark,
-benchmarks/bench_compress.py, measures the crossover).
+Cost model (why this is a decode kernel, for small r * K): every N tile recomputes its rows' t, so A is
+read ``cdiv(N, BLOCK_N)`` times (from L2 after the first) and the x @ A.T FLOPs are repeated as often. More
+fundamentally, with no communication between programs every program must read all of A (r x K), so one
+launch cannot beat one SM streaming A: it wins at decode only while A is small (``r * K`` up to about
+``FUSED_MAX_RK`` elements, a prediction from this model), where the two-GEMM path's second launch and the
+intermediate's round trip dominate. Larger factors and prefill (large M: two cuBLAS GEMMs are compute-
+efficient) go to two GEMMs in ``llama_triton.LowRankLinear``; benchmarks/bench_compress.py measures the
+crossover on a GPU. A split-rank variant with a cross-program reduction would lift the bound (not built).
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ import triton.language as tl
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
 from .rms_norm_matmul import m_bucket
 
-FUSED_MAX_M = 16     # LowRankLinear runs this kernel up to this many rows, two GEMMs above
+FUSED_MAX_M = 16         # LowRankLinear runs this kernel up to this many rows, two GEMMs above
+FUSED_MAX_RK = 1 << 19   # ... and while the input-side factor A (r, K) has at most this many elements
 
 
 @triton.jit(do_not_specialize=["M"])  # M: the runtime row count (batch x new tokens) must not recompile

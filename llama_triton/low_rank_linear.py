@@ -6,18 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.low_rank import FUSED_MAX_M, low_rank_matmul
+from .ops.low_rank import FUSED_MAX_M, FUSED_MAX_RK, low_rank_matmul
 
 
 class LowRankLinear(nn.Module):
     """``y = (x @ A.T) @ B.T + bias`` with parameters ``weight_a`` ``(rank, in_features)``, ``weight_b``
     ``(out_features, rank)`` and ``bias`` ``(out_features,)`` or None.
 
-    ``forward(x (..., in)) -> (..., out)`` in x's dtype. Up to ``FUSED_MAX_M`` rows (decode) it is one
-    fused launch (``llama_triton.ops.low_rank.low_rank_matmul``: the rank-r intermediate stays on chip);
-    above, two ``F.linear`` GEMMs (cuBLAS: prefill is compute-bound, where recomputing the intermediate per
-    output tile would cost more than its round trip through memory). Parameters cost ``rank * (in + out)``
-    against ``in * out`` dense, so a factorization saves memory only when ``rank < in * out / (in + out)``.
+    ``forward(x (..., in)) -> (..., out)`` in x's dtype. Up to ``FUSED_MAX_M`` rows (decode), when
+    ``rank * in_features <= FUSED_MAX_RK``, it is one fused launch (``llama_triton.ops.low_rank.
+    low_rank_matmul``: the rank-r intermediate stays on chip); otherwise two ``F.linear`` GEMMs (cuBLAS:
+    prefill is compute-bound, and every program of the fused kernel re-reads all of A, which only pays for
+    small factors; kernels/low_rank.py has the cost model). The attribute ``fused`` (True / False / None:
+    that rule) overrides the choice. Parameters cost ``rank * (in + out)`` against ``in * out`` dense, so a
+    factorization saves memory only when ``rank < in * out / (in + out)``.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False, device=None, dtype=None):
@@ -29,6 +31,7 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"LowRankLinear: rank={rank} exceeds min(out_features, in_features)="
                              f"{min(in_features, out_features)}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.fused: bool | None = None
         kw = {"device": device, "dtype": dtype}
         self.weight_a = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.weight_b = nn.Parameter(torch.empty(out_features, rank, **kw))
@@ -58,7 +61,9 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= FUSED_MAX_M:
+        fused = self.fused if self.fused is not None else (
+            rows <= FUSED_MAX_M and self.rank * self.in_features <= FUSED_MAX_RK)
+        if fused:
             y = low_rank_matmul(x, self.weight_a, self.weight_b)
         else:
             y = F.linear(F.linear(x, self.weight_a), self.weight_b)

@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import backend, reference
 from ..kernels import low_rank as K
 
-FUSED_MAX_M = K.FUSED_MAX_M
+FUSED_MAX_M, FUSED_MAX_RK = K.FUSED_MAX_M, K.FUSED_MAX_RK
 
 
 # ------------------------------------------------------------------------------------------ custom op
@@ -56,8 +56,8 @@ def low_rank_matmul(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     Returns:
         ``(..., N)`` in x's dtype. fp32 accumulation in both products; the intermediate ``(M, r)`` is
         rounded to x's dtype between them (as the two-matmul path rounds it) but never written to memory.
-        One launch at any M; it is the decode kernel (``LowRankLinear`` switches to two GEMMs above
-        ``FUSED_MAX_M`` rows). Differentiable in x, a and b (plain-PyTorch backward).
+        One launch at any M; it is the decode kernel for small factors (``LowRankLinear`` switches to two
+        GEMMs above ``FUSED_MAX_M`` rows or ``FUSED_MAX_RK`` elements of a: kernels/low_rank.py's cost model). Differentiable in x, a and b (plain-PyTorch backward).
 
     Runs the Triton kernel or ``reference.low_rank_matmul`` as llama_triton.backend decides.
     """
