@@ -23,6 +23,7 @@ _EXPORTS = {
     "decode_attention": "llama_triton.ops.decode_attention",
     "quant_matmul": "llama_triton.ops.quant_matmul",
     "moe_experts": "llama_triton.ops.moe",
+    "low_rank_matmul": "llama_triton.ops.low_rank",
     # flash-attn's names and defaults (causal=False), thin wrappers
     "flash_attn_func": "llama_triton.flash_attn_interface",
     "flash_attn_varlen_func": "llama_triton.flash_attn_interface",
