@@ -1,0 +1,100 @@
+"""The decode step's launch budget (DESIGN.md: the count is part of the design): launches per decoder layer
+and fixed, from 2- and 3-layer tiny models, no host sync; the fused path's tokens equal the general path's;
+packed projections keep HF names; the rotary tables are forward's values bit for bit."""
+import pytest
+import torch
+
+from _hf_tiny import transformers
+from llama_triton import packing, profiling
+from llama_triton.model import LlamaConfig, LlamaForCausalLM
+
+MAX_PER_LAYER, MAX_FIXED = 9, 6
+
+
+def _model(layers, **kw):
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **kw)).init_weights(0).eval()
+
+
+def _per_layer_and_fixed(make, layers=(2, 3)):
+    n2, n3 = layers
+    c2, c3 = (profiling.count_decode_step(make(n), prompt_len=2) for n in layers)
+    assert c2.syncs == c3.syncs == 0, (c2.names, c3.names)
+    per_layer = (c3.launches - c2.launches) // (n3 - n2)
+    fixed = c2.launches - n2 * per_layer
+    assert all(s.launches == per_layer for s in c3.scopes.values()) and c3.launches == fixed + n3 * per_layer          # the scopes agree with the difference
+    assert c3.outside_scopes().launches == fixed
+    return per_layer, fixed, c3
+
+
+def test_decode_step_launches_per_layer_and_fixed():
+    per_layer, fixed, c = _per_layer_and_fixed(_model)
+    assert per_layer <= MAX_PER_LAYER and fixed <= MAX_FIXED, (per_layer, fixed, c.names)
+    layer = c.scopes["layer 1"].names
+    assert layer["triton:_decode_split_kernel"] == 1 and layer["aten:mm"] == 4, layer   # qkv, o, gate_up, down
+    assert not any(k.startswith("triton:_rope") or "index_put" in k for k in c.names), c.names
+
+
+def test_int4_decode_step_launches():
+    """quantize_model's QuantLinears are not packed (yet): one quant GEMM per projection. One layer, counted
+    by scope (the quant kernel is slow in the interpreter); the fp32 test checks scopes == differences."""
+    from llama_triton.quant import quantize_model
+
+    c = profiling.count_decode_step(quantize_model(_model(1), bits=4, group_size=16), prompt_len=2)
+    layer, fixed = c.scopes["layer 0"], c.outside_scopes()
+    gemms = sum(v for k, v in layer.names.items() if k.startswith("triton:") and (
+        "quant" in k or k == "triton:_decode_kernel"))
+    assert gemms == 7 and layer.launches == 4 + gemms and fixed.launches <= MAX_FIXED, c.names
+    assert c.syncs == 0, c.names
+
+
+def test_fused_decode_tokens_equal_the_general_path():
+    """generate (packed GEMMs, RoPE + append inside the attention kernel) vs explicit positions (separate
+    q/k/v GEMMs on a fresh unpacked copy, the rope kernel, index_put, decode attention): the same tokens."""
+    model = _model(2, sliding_window=6, model_type="mistral")
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    fused = model.generate(ids, max_new_tokens=6)
+    general = _model(2, sliding_window=6, model_type="mistral")
+    caches = [type(c)(2, 11, c.k.shape[2], c.k.shape[3]) for c in general.make_caches(2, 11)]  # own seqlens
+    for m in general.modules():                                                  # unpack: a copy per weight
+        for n, p in m.named_parameters(recurse=False):
+            p.data = p.data.clone()
+    assert packing.packed_weight([general.model.layers[0].self_attn.q_proj, general.model.layers[0].self_attn.k_proj,
+                                  general.model.layers[0].self_attn.v_proj]) is None
+    with torch.no_grad():
+        tok = general(ids, caches=caches, fresh_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        out = [tok]
+        for t in range(5, 10):
+            tok = general(tok, position_ids=torch.full((2, 1), t), caches=caches).logits[:, -1].argmax(-1, keepdim=True)
+            out.append(tok)
+    assert torch.equal(fused[:, 5:], torch.cat(out, 1))
+
+
+def test_packed_projections_keep_names_and_round_trip(tmp_path):
+    model = _model(1)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    names = [n for n, _ in model.named_parameters()]
+    model.make_caches(1, 4)                                                      # packs
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight is q and [n for n, _ in model.named_parameters()] == names
+    w, _ = packing.packed_weight([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert w.data_ptr() == q.data_ptr() and w.shape[0] == q.shape[0] + 2 * attn.k_proj.weight.shape[0]
+    model.save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path)
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 16}])
+def test_rotary_table_is_forward_and_transformers_bit_for_bit(rope):
+    cfg = LlamaConfig(num_hidden_layers=1, max_position_embeddings=256, **({"rope_parameters": rope} if rope else {}))
+    ours = LlamaForCausalLM(cfg).model.rotary_emb
+    hf = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(
+        transformers.LlamaConfig(**cfg.to_hf_dict()))
+    cos_t, sin_t = ours.table(200, "cpu", torch.float16)
+    pos = torch.tensor([[0, 1, 7, 63, 64, 65, 127, 150, 199]])
+    x = torch.zeros(1, dtype=torch.float16)
+    for got, want, ref in zip((cos_t[pos[0]], sin_t[pos[0]]), ours(x, pos), hf(x, pos)):
+        assert torch.equal(got, want[0]) and torch.equal(got, ref[0])
+    assert ours.table(100, "cpu", torch.float16)[0] is cos_t                     # built once
