@@ -251,3 +251,24 @@ def test_cli_compress_writes_a_loadable_checkpoint(tmp_path, monkeypatch, capsys
     assert cli.main(["compress", "--method", "svd", "--sparsity", "0.5", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "1 <= N < M" in err[0] and "--ratio" in err[1]
+
+
+def test_bench_compress_tables_from_a_synthetic_result(tmp_path):
+    """The GPU benchmark's markdown and plot code on made-up numbers (the GPU run must not die at the end)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_compress", Path(__file__).parent.parent / "benchmarks" / "bench_compress.py")
+    bc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bc)
+    lr = {"kind": "low_rank", "K": 64, "N": 32, "rank": 8, "M": 1, "config": "BM16",
+          "ms": {"ours_fused": 0.01, "two_mm": 0.02, "compile": None, "dense_mm": 0.03},
+          "speedup_vs_dense": 3.0, "speedup_vs_two_mm": 2.0, "gbps": 1.0, "pct_copy": 1.0, "tflops": 0.1}
+    sp = {"kind": "sparse_2_4", "K": 64, "N": 32, "M": 1, "ms": {"sparse_2_4": 0.01, "dense_mm": 0.02},
+          "speedup_vs_dense": 2.0, "gbps": 1.0, "pct_copy": 1.0}
+    result = {"gpu": "fake", "torch": "x", "triton": "y", "date": "d", "copy_gbps": 1.0, "mm_tflops": 1.0,
+              "rows": [lr, sp, {"kind": "sparse_2_4", "skipped": "why"}]}
+    md = bc.to_markdown(result)
+    assert "| 64 | 32 | 8 | 1 | 0.0100 | 0.0200 | - | 0.0300 | 3.00x |" in md and "skipped: why" in md
+    bc.plot(result, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0
