@@ -207,7 +207,8 @@ class Attention(nn.Module):
         elif hasattr(cache, "seqlens"):                                              # our static KVCache
             if position_ids is None:
                 raise ValueError("Attention.forward with a KVCache needs position_ids (b, s) int64")
-            k_buf, v_buf = cache.update(position_ids.expand(b, s), k.transpose(1, 2), v)
+            dt = cache.k.dtype      # explicit: under autocast k (rotated with fp32 cos/sin) and v differ
+            k_buf, v_buf = cache.update(position_ids.expand(b, s), k.transpose(1, 2).to(dt), v.to(dt))
             if fresh_cache:
                 out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v, self.scaling, self.sliding_window)
             else:

@@ -154,3 +154,23 @@ def test_public_ops_record_their_rule():
     rules = {n: getattr(getattr(llama_triton, n), "autocast_rule", None) for n in llama_triton.__all__
              if n.startswith(("flash_attention", "rms_norm", "swiglu", "cross", "fused", "decode", "quant", "apply"))}
     assert all(r is not None for r in rules.values()), rules
+
+
+def test_model_training_step_and_generate_under_autocast():
+    """How the ops are used: our model's training step (forward in autocast, backward after) and generate
+    (the KV cache keeps the model's dtype; the layer casts k/v to it explicitly)."""
+    from llama_triton.model import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig.preset("tiny", num_hidden_layers=1)).init_weights(seed=0)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - want.item()) < 1e-2 * want.item()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model.generate(ids[:, :3], max_new_tokens=2)
+    assert out.shape == (1, 5) and int(out.max()) < 260

@@ -79,6 +79,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     return _decode_attention(q, k_cache, v_cache, cache_seqlens, scale, int(window_size[0]), num_splits)
 
 
+@backend.public_op(like={"q": "k_cache", "k": "k_cache", "v": "v_cache"})
 def decode_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor,
                                   cache_seqlens: Tensor, rotary_cos: Optional[Tensor] = None,
                                   rotary_sin: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
