@@ -421,6 +421,24 @@ def combine(y: torch.Tensor, rows: int, group: int, out: torch.Tensor) -> torch.
     return out
 
 
+def _gemm_and_combine(a, b, b_strides, sorted_ids, block_expert, npost, tw, out, top_k, bm, n_blocks, has_weight):
+    """out (T, N) = sum_k (tw[s] *) a[s] @ B[e]: a (S, K) rows by flat index, B (E, K, N) given by
+    ``b_strides`` (expert, k, n). The grouped GEMM writes one row per pair (straight into out for top-1),
+    then the fixed-order top-k sum."""
+    S, K = a.shape
+    T, N = out.shape
+    y = out if top_k == 1 else torch.empty((S, N), dtype=out.dtype, device=out.device)   # top-1: flat == token
+    _gemm[lambda meta: (n_blocks, triton.cdiv(N, meta["BLOCK_N"]))](
+        a, b, sorted_ids, block_expert, npost, tw, y, a, tw,          # GU / DW_WS unused without SWIGLU_BWD
+        S, N, K, top_k, s_bucket(S),
+        a.stride(0), a.stride(1), *b_strides, y.stride(0), 0,
+        A_BY_TOKEN=False, HAS_WEIGHT=has_weight, SWIGLU_BWD=False, BLOCK_M=bm,
+    )
+    if top_k > 1:
+        combine(y, T, top_k, out)
+    return out
+
+
 def moe_experts_fwd(x, gate_up_proj, down_proj, topk_ids, topk_weights, save_for_backward: bool = False):
     """x (T, H), gate_up_proj (E, 2I, H), down_proj (E, H, I) (x's dtype, any strides), topk_ids (T, top_k)
     int, topk_weights (T, top_k) float -> out (T, H) in x's dtype, plus what the backward needs:
@@ -451,16 +469,9 @@ def moe_experts_fwd(x, gate_up_proj, down_proj, topk_ids, topk_weights, save_for
         gu.stride(0), h1.stride(0),
         SAVE_GU=save_for_backward, BLOCK_M=bm,
     )
-    y = out if top_k == 1 else torch.empty((S, H), dtype=dt, device=dev)      # top-1: flat index == token
-    _gemm[grid(H)](
-        h1, down_proj, sorted_ids, block_expert, npost, tw, y, h1, tw,
-        S, H, inter, top_k, sb,
-        h1.stride(0), h1.stride(1), down_proj.stride(0), down_proj.stride(2), down_proj.stride(1),
-        y.stride(0), 0,
-        A_BY_TOKEN=False, HAS_WEIGHT=True, SWIGLU_BWD=False, BLOCK_M=bm,
-    )
-    if top_k > 1:
-        combine(y, T, top_k, out)
+    # down_proj[e] (H, I) read as the (K = I, N = H) operand
+    _gemm_and_combine(h1, down_proj, (down_proj.stride(0), down_proj.stride(2), down_proj.stride(1)), sorted_ids,
+                      block_expert, npost, tw, out, top_k, bm, n_blocks, has_weight=True)
     return out, sorted_ids, block_expert, seg, npost, gu, h1
 
 
@@ -504,17 +515,9 @@ def moe_experts_bwd(dout, x, gate_up_proj, down_proj, topk_ids, topk_weights, so
     n_tiles = triton.cdiv(inter, _gemm.best_config.kwargs["BLOCK_N"])
     # the kernel wrote dw_ws as (S, n_tiles) row-major (row stride = the grid's N-tile count)
     combine(dw_ws.view(-1)[: S * n_tiles].view(S * n_tiles, 1), S, n_tiles, dtw.view(S, 1))
-    # -- dx = sum_k dgu[s] @ gate_up_proj[e]
-    ys = dx if top_k == 1 else torch.empty((S, H), dtype=dt, device=dev)
-    _gemm[grid(H)](
-        dgu, gate_up_proj, sorted_ids, block_expert, npost, tw, ys, gu, dw_ws,
-        S, H, two_i, top_k, sb,
-        dgu.stride(0), dgu.stride(1), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
-        ys.stride(0), 0,
-        A_BY_TOKEN=False, HAS_WEIGHT=False, SWIGLU_BWD=False, BLOCK_M=bm,
-    )
-    if top_k > 1:
-        combine(ys, T, top_k, dx)
+    # -- dx = sum_k dgu[s] @ gate_up_proj[e]: gate_up_proj[e] (2I, H) is already the (K, N) operand
+    _gemm_and_combine(dgu, gate_up_proj, gate_up_proj.stride(), sorted_ids, block_expert, npost, tw, dx, top_k, bm,
+                      n_blocks, has_weight=False)
 
     # -- weight gradients: one program per (expert, tile), the expert's rows in order
     def wgrid(n, k):
