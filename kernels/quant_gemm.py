@@ -111,10 +111,13 @@ def _decode_kernel(
         z = s
         if HAS_ZEROS:
             z = tl.load(Z + offs_n * stride_zn, mask=mask_n, other=0).to(tl.float32)
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, KW), dtype=tl.float32)
+    # GEMV: one (BLOCK_N, 16) fp32 accumulator per row of x, in the layout of the word tile (no layout
+    # conversion of the weights), summed over the 16 once at the end. Dot: one (BLOCK_M, BLOCK_N) tile.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
     for step in range(step_lo, step_hi):
         for c in tl.static_range(CHUNKS):
             chunk = step * CHUNKS + c
@@ -141,20 +144,36 @@ def _decode_kernel(
                     src_k = tl.load(PERM + offs_k, mask=mask_k, other=0).to(tl.int64)
                 else:
                     src_k = offs_k
-                x = tl.load(X + offs_m[:, None] * stride_xm + src_k[None, :] * stride_xk,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)   # (BLOCK_M, 16)
                 # -- accumulate
                 if USE_DOT:
+                    x = tl.load(X + offs_m[:, None] * stride_xm + src_k[None, :] * stride_xk,
+                                mask=mask_m[:, None] & mask_k[None, :], other=0.0)   # (BLOCK_M, 16)
                     if X.dtype.element_ty == tl.float32:
                         acc += tl.dot(x, tl.trans(w), input_precision="ieee")
                     else:
                         acc += tl.dot(x, tl.trans(w.to(X.dtype.element_ty)))
                 else:
-                    acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
+                    x_row = X + src_k * stride_xk                                    # (16,) row 0 of x
+                    acc0 += w * tl.load(x_row, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+                    if BLOCK_M > 1:
+                        x1 = tl.load(x_row + stride_xm, mask=mask_k & (offs_w * 0 + 1 < M), other=0.0)
+                        acc1 += w * x1.to(tl.float32)[None, :]
+                    if BLOCK_M > 2:
+                        x2 = tl.load(x_row + 2 * stride_xm, mask=mask_k & (offs_w * 0 + 2 < M), other=0.0)
+                        acc2 += w * x2.to(tl.float32)[None, :]
+                        x3 = tl.load(x_row + 3 * stride_xm, mask=mask_k & (offs_w * 0 + 3 < M), other=0.0)
+                        acc3 += w * x3.to(tl.float32)[None, :]
     if USE_DOT:
         out = acc
-    else:
-        out = tl.sum(acc, axis=2)                                            # (BLOCK_M, BLOCK_N)
+    else:  # (BLOCK_M, BLOCK_N) from the rows' sums over the 16 (once per program)
+        r0 = tl.sum(acc0, axis=1)
+        if BLOCK_M == 1:
+            out = r0[None, :]
+        elif BLOCK_M == 2:
+            out = tl.permute(tl.join(r0, tl.sum(acc1, axis=1)), (1, 0))
+        else:
+            quad = tl.join(tl.join(r0, tl.sum(acc1, axis=1)), tl.join(tl.sum(acc2, axis=1), tl.sum(acc3, axis=1)))
+            out = tl.reshape(tl.permute(quad, (2, 1, 0)), (BLOCK_M, BLOCK_N))  # quad[n, j, i] = row 2 i + j
 
     mask = mask_m[:, None] & mask_n[None, :]
     y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -258,11 +277,11 @@ def _decode_configs(use_dot: bool) -> list:
     if interpreting():
         rows = [(32, 2, 2, 4, 1)] if use_dot else [(32, 1, 2, 4, 1)]
     elif use_dot:
-        rows = [(256, 1, 1, 8, 3), (256, 1, 2, 8, 3), (512, 1, 2, 8, 3), (512, 1, 4, 8, 3), (512, 1, 8, 8, 3),
-                (256, 2, 4, 8, 2), (128, 1, 4, 4, 4), (128, 1, 8, 4, 3)]
+        rows = [(256, 1, 1, 8, 3), (256, 1, 2, 8, 3), (256, 1, 4, 8, 3), (512, 1, 4, 16, 3),
+                (512, 1, 8, 16, 3), (256, 2, 4, 8, 2), (128, 1, 4, 4, 4), (128, 1, 8, 4, 3)]
     else:
-        rows = [(64, 1, 2, 4, 4), (128, 1, 1, 4, 4), (128, 1, 2, 4, 4), (128, 1, 4, 4, 3), (128, 2, 2, 4, 3),
-                (256, 1, 1, 8, 3), (256, 1, 2, 8, 3), (256, 1, 4, 8, 3), (64, 2, 4, 4, 3)]
+        rows = [(64, 1, 2, 4, 1), (64, 2, 4, 4, 1), (128, 1, 1, 4, 1), (128, 1, 2, 4, 1), (128, 1, 4, 4, 1),
+                (256, 1, 1, 8, 1), (256, 1, 2, 8, 1), (256, 1, 4, 8, 1)]
     return [triton.Config({"BLOCK_N": bn, "CHUNKS": ch, "SPLIT_K": sk}, num_warps=w, num_stages=st)
             for bn, ch, sk, w, st in rows]
 
@@ -385,7 +404,8 @@ def check_inputs(x, qweight, scales, zeros=None, perm=None, bits=4, group_size=1
         raise ValueError(f"x's last dim K={K} must be a positive multiple of {pack} for {bits}-bit weights")
     if tuple(qweight.shape) != repacked_shape(K, N, bits):
         raise ValueError(f"qweight has shape {tuple(qweight.shape)}; for x with K={K} and {bits}-bit weights the "
-                         f"repacked layout (kernels/quant_layout.py) is (N, KP // {pack}) = {repacked_shape(K, N, bits)}")
+                         f"repacked layout (kernels/quant_layout.py) is (N, KP // {pack}) = "
+                         f"{repacked_shape(K, N, bits)}")
     if not isinstance(group_size, int) or group_size < 1 or K % group_size:
         raise ValueError(f"group_size={group_size!r} must be a positive divisor of K={K}")
     if group_size != K and (group_size < 16 or group_size & (group_size - 1)):
