@@ -62,9 +62,12 @@ def _build(spec: dict, old: nn.Module, name: str) -> nn.Module:
     raise ValueError(f"{COMPRESSION}: layer {name!r} has unknown type {kind!r} (expected 'low_rank' or 'quant')")
 
 
-def load_compressed(path, dtype=None, device=None):
+def load_compressed(path, dtype=None, device=None, semi_structured: bool = False):
     """The model saved by ``save_compressed`` in directory `path` (float tensors in `dtype`, default the
-    saved one) on `device` (default cpu). Returns ``(model, info)``, info the compression.json contents."""
+    saved one) on `device` (default cpu). Returns ``(model, info)``, info the compression.json contents.
+    ``semi_structured=True``: convert the 2:4-sparse linears to PyTorch's semi-structured sparse tensors
+    (``pruning.to_semi_structured``: a supporting GPU, fp16/bf16); ``info["semi_structured"]`` says per
+    layer what happened."""
     from safetensors.torch import load_file
 
     from ..config import LlamaConfig
@@ -94,4 +97,8 @@ def load_compressed(path, dtype=None, device=None):
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True)
     model.model.reset_rotary(device)
+    if semi_structured:
+        from .pruning import to_semi_structured
+
+        info["semi_structured"] = to_semi_structured(model)
     return model.eval(), info
