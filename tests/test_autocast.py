@@ -10,6 +10,7 @@ import torch
 import llama_triton
 from llama_triton import backend
 from llama_triton.flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from llama_triton.ops.low_rank import low_rank_matmul
 from llama_triton.quant import quantize_weight
 
 F16, F32 = torch.float16, torch.float32
@@ -74,6 +75,7 @@ def _cases():
                                                            torch.tensor([[0, 2], [1, 2], [3, 0]]),
                                                            torch.rand(3, 2, generator=torch.Generator().manual_seed(5))
                                                            .requires_grad_()], {}, lower),
+        "low_rank_matmul": (low_rank_matmul, lambda: [_r(3, 16), _r(4, 16), _r(8, 4)], {}, lower),
         "quant_matmul": (llama_triton.quant_matmul, lambda: [_r(2, 64, dtype=F16), qw], {},
                          lambda a, dt: [a[0].to(a[1].scales.dtype), a[1]]),
         "moe_experts": (llama_triton.moe_experts, lambda: [_r(3, 16), _r(4, 16, 16), _r(4, 16, 8),      # issue 17

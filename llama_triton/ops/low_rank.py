@@ -45,6 +45,7 @@ _low_rank_matmul.register_autograd(_backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------------------------ public API
+@backend.public_op("lower")
 def low_rank_matmul(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``y = (x @ a.T) @ b.T``: a linear layer whose weight is factored as ``W (N, K) = b (N, r) @ a (r, K)``.
 
