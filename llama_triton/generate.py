@@ -44,11 +44,33 @@ class DecodeStep:
     """One decode step over static caches: tokens (b, 1), positions (b, 1) int64 -> logits (b, vocab) fp32.
 
     With ``compile=True`` the step goes through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on a GPU).
+    With ``cuda_graph=True`` (CUDA tensors) the positions-free step is captured once in a CUDA graph on its
+    first call (after a warm-up run on a side stream, the caches' lengths restored) and replayed: one
+    ``graph.replay()`` per token instead of ~10 launches per layer from Python. The returned logits are the
+    graph's static output buffer (overwritten by the next call).
     """
 
-    def __init__(self, model, caches, compile: bool = False):
+    def __init__(self, model, caches, compile: bool = False, cuda_graph: bool = False):
         self.model, self.caches = model, caches
         self.fn = torch.compile(self._step, mode="reduce-overhead", dynamic=False) if compile else self._step
+        self.cuda_graph = cuda_graph and not compile
+        self._graph = None
+
+    def _capture(self, tokens):
+        """Warm up (autotune) on a side stream, then capture the step reading a static token buffer."""
+        seqlens = self.caches[0].seqlens
+        saved = seqlens.clone()
+        self._tokens = tokens.clone()
+        side = torch.cuda.Stream(device=tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):
+            self._step(self._tokens)
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        seqlens.copy_(saved)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._logits = self._step(self._tokens)
+        seqlens.copy_(saved)                         # capture does not run kernels; the copy keeps it explicit
 
     def _step(self, tokens, positions=None):
         return self.model(tokens, position_ids=positions, caches=self.caches).logits[:, -1].float()
@@ -56,6 +78,12 @@ class DecodeStep:
     def __call__(self, tokens, positions=None):
         """positions None (the decode path): each row's next position is its cache length, which the step
         advances; given, the tokens are written at those positions (the general path, more launches)."""
+        if self.cuda_graph and positions is None and tokens.is_cuda:
+            if self._graph is None:
+                self._capture(tokens)
+            self._tokens.copy_(tokens)
+            self._graph.replay()
+            return self._logits
         return self.fn(tokens, positions)
 
 
@@ -64,7 +92,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list | None = None,
              attention_mask: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None,
              streamer=None, pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             compile: bool = False) -> torch.Tensor:
+             compile: bool = False, cuda_graph: bool | None = None, eos_check_every: int = 8) -> torch.Tensor:
     """Generate `max_new_tokens` tokens after each prompt.
 
     Args:
@@ -77,6 +105,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
             afterwards; generation stops when every row has finished.
         streamer: called with each step's tokens (b,) int64 (or an object with HF's put()/end()).
         compile: capture the decode step with torch.compile(mode="reduce-overhead") (GPU).
+        cuda_graph: replay the decode step from a CUDA graph (default: on for CUDA tensors unless compile).
+        eos_check_every: with eos_token_id, the host looks at "every row finished?" every this many tokens
+            (one sync per check; the tokens are the same, finished rows keep getting pad).
 
     Returns:
         (b, L + max_new_tokens) int64: ``input_ids`` as given, followed by the new tokens.
@@ -113,7 +144,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     last = hidden.gather(1, (lengths - 1)[:, None, None].expand(b, 1, hidden.shape[-1]))   # (b, 1, hidden)
     logits = model.lm_head(last)[:, -1].float()                                       # (b, vocab)
 
-    step = DecodeStep(model, caches, compile=compile)
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and not compile
+    step = DecodeStep(model, caches, compile=compile, cuda_graph=cuda_graph)
     out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
@@ -125,7 +158,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
         out[:, t] = tok
         if streamer is not None:
             streamer.put(tok) if hasattr(streamer, "put") else streamer(tok)
-        if t == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
+        if t == max_new_tokens - 1:
+            break
+        if eos is not None and (t + 1) % max(1, eos_check_every) == 0 and bool(finished.all()):
             break
         logits = step(raw[:, None])                       # positions: the caches' lengths, advanced by the step
     if streamer is not None and hasattr(streamer, "end"):

@@ -98,3 +98,24 @@ def test_rotary_table_is_forward_and_transformers_bit_for_bit(rope):
     for got, want, ref in zip((cos_t[pos[0]], sin_t[pos[0]]), ours(x, pos), hf(x, pos)):
         assert torch.equal(got, want[0]) and torch.equal(got, ref[0])
     assert ours.table(100, "cpu", torch.float16)[0] is cos_t                     # built once
+
+
+def test_generate_syncs_only_at_eos_checks():
+    """No host sync per token: with an eos id, "all finished?" is read every eos_check_every tokens."""
+    model = _model(1)
+    ids = torch.randint(0, 256, (2, 3), generator=torch.Generator().manual_seed(1))
+
+    def syncs(n, every):
+        return profiling.count_kernels(model.generate, ids, n, eos_token_id=10_000, eos_check_every=every)[1].syncs
+
+    assert syncs(5, 2) - syncs(3, 2) == 1                    # 2 more tokens: one more check, not two
+
+
+@pytest.mark.gpu
+def test_gpu_generate_cuda_graph_tokens_equal_eager():
+    model = LlamaForCausalLM.random(LlamaConfig(num_hidden_layers=2), dtype=torch.float32, device="cuda")
+    ids = torch.randint(0, 256, (2, 9), device="cuda")
+    eager = model.generate(ids, max_new_tokens=12, cuda_graph=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=12), eager)                  # graph by default
+    assert torch.equal(model.generate(ids, max_new_tokens=12, eos_token_id=int(eager[0, 12])),
+                       model.generate(ids, max_new_tokens=12, eos_token_id=int(eager[0, 12]), cuda_graph=False))
