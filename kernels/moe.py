@@ -383,7 +383,8 @@ def check_inputs(x, gate_up_proj, down_proj, topk_ids, topk_weights):
                          f"{tuple(topk_ids.shape)}; they must match")
     if top_k < 1 or top_k > E:
         raise ValueError(f"top_k (topk_ids.shape[1]) = {top_k} must be between 1 and the number of experts {E}")
-    if topk_ids.device.type == "cpu" and topk_ids.numel():  # on a GPU this check would be a host sync
+    # on a GPU this check would be a host sync, under torch.compile a graph break: CPU eager only
+    if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
         with cpu_value_check():
             lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= E:
