@@ -56,7 +56,9 @@ def test_byte_fallback_uses_the_models_eos(tmp_path):
         tokenizer_for_model(str(tmp_path), LlamaConfig.preset("tiny", vocab_size=200))
 
 
-def test_unknown_op_as_a_subprocess():
-    r = subprocess.run([sys.executable, "-m", "llama_triton.cli", "verify", "--op", "no_such_op"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no_such_op" in r.stderr, r.stderr
+@pytest.mark.parametrize("argv,word", [(["verify", "--op", "no_such_op"], "no_such_op"),
+                                       (["eval", "--model", "/no/dir", "--text", "/no/file.txt"], "/no/file.txt")])
+def test_user_errors_as_a_subprocess(argv, word):
+    r = subprocess.run([sys.executable, "-m", "llama_triton.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and word in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
