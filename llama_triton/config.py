@@ -225,4 +225,11 @@ PRESETS: dict[str, dict] = {
                        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, sliding_window=4096,
                        max_position_embeddings=32768, model_type="mistral", bos_token_id=1, eos_token_id=2,
                        pad_token_id=None, torch_dtype="bfloat16"),
+    # issue 17: mixture of experts (the tiny one: the demo tokenizer, 4 experts top-2, for the interpreter)
+    "tiny-moe": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=96),
+    "mixtral-8x7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, max_position_embeddings=32768,
+                         model_type="mixtral", num_local_experts=8, num_experts_per_tok=2, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=None, torch_dtype="bfloat16"),
 }

@@ -319,8 +319,14 @@ def test_our_model_loads_moe_checkpoints(family, tmp_path):
         assert torch.equal(ours.generate(ids[:1], max_new_tokens=4), hf_tokens)
 
 
-def test_moe_config_rejects_bad_values():
+def test_moe_presets_and_bad_config():
     from llama_triton.config import LlamaConfig
+    from llama_triton.model import LlamaForCausalLM
+
+    with torch.device("meta"):
+        mixtral = LlamaForCausalLM(LlamaConfig.preset("mixtral-8x7b"))
+    assert round(sum(p.numel() for p in mixtral.parameters()) / 1e9, 1) == 46.7     # Mixtral-8x7B's 46.7B
+    assert mixtral.model.layers[0].mlp.experts.gate_up_proj.shape == (8, 2 * 14336, 4096)
 
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         LlamaConfig(model_type="mixtral", num_local_experts=4, num_experts_per_tok=5)
