@@ -33,3 +33,23 @@ def test_static_cache_without_mask_attention_interface_only():
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(ours.generate(ids, cache_implementation="static", **kw), stock.generate(ids, **kw))
 
+
+
+def test_filled_count_mask_attends_only_the_filled_prefix():
+    """hf_attention_forward with the (b,) filled-slot count: causal (queries are the last sq filled slots)
+    and non-causal, each row against the reference on its own prefix; the unfilled tail is garbage."""
+    from llama_triton import reference
+    from llama_triton.attention import hf_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    k[0, :, 5:], v[0, :, 5:] = 1e4, 1e4                                   # row 0 holds 5 tokens: tail garbage
+    filled = torch.tensor([5, 8], dtype=torch.int32)
+    module = torch.nn.Module()
+    for causal in (True, False):
+        module.is_causal = causal
+        out, _ = hf_attention_forward(module, q, k, v, filled, scaling=0.25)
+        for i, n in enumerate((5, 8)):
+            ref = reference.attention(q[i:i + 1].transpose(1, 2), k[i:i + 1, :, :n].transpose(1, 2),
+                                      v[i:i + 1, :, :n].transpose(1, 2), causal=causal, softmax_scale=0.25)
+            torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-5, atol=1e-5)
