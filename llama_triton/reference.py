@@ -264,6 +264,16 @@ def moe_experts(x, gate_up_proj, down_proj, topk_ids, topk_weights):
     return out.to(x.dtype)
 
 
+def moe_route(router_logits, top_k: int, renormalize: bool = True):
+    """Mixtral / Qwen-MoE routing: softmax over the experts (fp32; fp64 for fp64 input), top-k
+    (``torch.topk``), renormalised to sum 1 when ``renormalize``. -> (weights (T, top_k), ids (T, top_k) int64)."""
+    probs = torch.softmax(router_logits.to(_compute_dtype(router_logits.dtype)), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
 def moe_load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None):
     """transformers' ``load_balancing_loss_func`` (Switch Transformer eq. 4-6) over a tuple of per-layer router
     logits ``(tokens, E)``: ``E * sum_e f_e * P_e`` with f_e the fraction of top-k assignments to expert e and

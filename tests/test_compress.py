@@ -274,3 +274,22 @@ def test_bench_compress_tables_from_a_synthetic_result(tmp_path):
     assert "| 64 | 32 | 8 | 1 | 0.0100 | 0.0200 | - | 0.0300 | 3.00x |" in md and "skipped: why" in md
     bc.plot(result, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_model_size_counts_each_format():
+    from llama_triton.compress import report
+
+    cfg = LlamaConfig.preset("tiny")
+    n_lin = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 176)                      # 92160 decoder-linear weights
+    other = 2 * 260 * 64 + 5 * 64                                                # embed + lm_head + norms
+    lin, whole = report.model_size(LlamaForCausalLM(cfg))
+    assert (lin.params, lin.bytes, whole.bytes) == (n_lin, 2 * n_lin, 2 * (n_lin + other))
+    tied = report.model_size(LlamaForCausalLM(LlamaConfig.preset("tiny", tie_word_embeddings=True)))[1]
+    assert tied.bytes == 2 * (n_lin + other - 260 * 64)                          # lm_head stored once
+    m = LlamaForCausalLM(cfg)
+    compress.prune_model(m, "magnitude", pattern="2:4")
+    lin, _ = report.model_size(m, "2:4")
+    assert (lin.params, lin.bytes) == (n_lin // 2, n_lin + n_lin // 2 * 2 // 8)  # values + 2-bit indices
+    quantize_model(m, bits=4, group_size=16)
+    lin, whole = report.model_size(m)
+    assert lin.bytes == n_lin // 2 + 2 * n_lin // 16 and whole.bytes == lin.bytes + 2 * other   # codes + scales

@@ -7,7 +7,8 @@ are deployed) and the real size of integer tensors:
     of a pruned weight saves nothing);
   * N:M-pruned linear: ``N/M`` of the values plus ``ceil(log2 M)`` index bits per kept value (2:4: 2 bits,
     PyTorch's semi-structured layout: 56.25% of the dense fp16 bytes);
-  * LowRankLinear: ``r (N + K)`` values; QuantLinear: its packed codes, scales and zero points.
+  * LowRankLinear: ``r (N + K)`` values; QuantLinear: its packed codes, scales and zero points as its
+    state_dict (the checkpoint) holds them.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 def linear_size(module: nn.Module, sparse=None) -> Size:
     """Size of one linear-like module; `sparse` is None (dense), "unstructured" or an "N:M" pattern."""
     bias = module.bias.numel() if getattr(module, "bias", None) is not None else 0
-    if isinstance(module, QuantLinear):
+    if isinstance(module, QuantLinear):   # as stored (its state_dict: GPTQ layout, not the padded in-memory one)
         return Size(module.in_features * module.out_features + bias,
                     sum(_tensor_bytes(t) for t in module.state_dict().values()))
     if isinstance(module, LowRankLinear):
@@ -59,20 +60,20 @@ def linear_size(module: nn.Module, sparse=None) -> Size:
 
 def model_size(model: nn.Module, sparse=None, skip=("lm_head",)) -> tuple[Size, Size]:
     """(the compressible linear layers' size, the whole model's size). Linears named in `skip` (lm_head,
-    tied to the embedding in small models) count as dense, with the rest of the model."""
+    tied to the embedding in small models) count as dense, with the rest of the model. Tensors are those
+    of the state_dict (non-persistent buffers such as rotary tables excluded), tied weights once."""
     lin_params = lin_bytes = 0
-    counted = set()
+    prefixes = []
     for name, m in model.named_modules():
-        if not name or calib._skipped(name, skip):
-            continue
-        if isinstance(m, (QuantLinear, LowRankLinear, nn.Linear)):
+        if name and not calib._skipped(name, skip) and isinstance(m, (QuantLinear, LowRankLinear, nn.Linear)):
             s = linear_size(m, sparse if type(m) is nn.Linear else None)
             lin_params, lin_bytes = lin_params + s.params, lin_bytes + s.bytes
-            counted |= {t.data_ptr() for t in m.state_dict().values()}
-    rest = {t.data_ptr(): t for t in model.state_dict().values() if t.data_ptr() not in counted}  # tied: once
-    other_p = sum(t.numel() for t in rest.values())
-    other_b = sum(_tensor_bytes(t) for t in rest.values())
-    return Size(lin_params, lin_bytes), Size(lin_params + other_p, lin_bytes + other_b)
+            prefixes.append(name + ".")
+    persistent = set(model.state_dict(keep_vars=True))
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}   # tied parameters once
+    rest = [t for n, t in tensors.items() if n in persistent and not n.startswith(tuple(prefixes))]
+    return (Size(lin_params, lin_bytes),
+            Size(lin_params + sum(t.numel() for t in rest), lin_bytes + sum(_tensor_bytes(t) for t in rest)))
 
 
 # ------------------------------------------------------------------------------------------ the report
