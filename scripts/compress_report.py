@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--heldout-tokens", type=int, default=24576, help="held-out tokens scored (from the last 10%%)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu-quality"))
+    p.add_argument("--save-model", help="also save the trained model here (HF format; reuse it with --model)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     train_ids, heldout = corpus_ids()
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
     else:
         print(f"training the tiny preset for {args.steps} steps on pydoc_data.topics ({train_ids.numel()} tokens)")
         model = train_tiny(train_ids, args.steps)
+        if args.save_model:
+            model.save_pretrained(args.save_model)
         source = (f"tiny preset trained here: {args.steps} AdamW steps, batch 16 x 128 bytes, lr 3e-3 cosine, "
                   f"seed 0, on pydoc_data.topics (Python {sys.version.split()[0]}) minus the last 10%")
     batches = calibration.token_batches(train_ids, n_samples=32, seq_len=128, batch_size=8, seed=1)
