@@ -20,8 +20,6 @@ original dtypes (autograd's ``.to``). A call with ``inplace=True`` is never cast
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -33,13 +31,10 @@ def enabled(t) -> bool:
     return dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
 
 
-def disabled():
-    """A context in which autocast is off on every device type where it is on now."""
-    stack = contextlib.ExitStack()
-    for dev in _AUTOCAST_DEVICES:
-        if torch.is_autocast_enabled(dev):
-            stack.enter_context(torch.autocast(dev, enabled=False))
-    return stack
+def disabled(device_type: str):
+    """A context in which autocast is off for `device_type` (the op's tensors' device: the only one whose
+    autocast state its torch calls see). A plain torch.autocast, so torch.compile traces it."""
+    return torch.autocast(device_type, enabled=False)
 
 
 def _castable(t) -> bool:

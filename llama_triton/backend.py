@@ -86,7 +86,7 @@ def public_op(autocast: str = "keep", promote=None, like=None):
                     return fn(*args, **kwargs)
                 bound = sig.bind(*args, **kwargs)
                 amp.cast_arguments(bound, rule, first.device.type)
-                with amp.disabled():
+                with amp.disabled(first.device.type):
                     return fn(*bound.args, **bound.kwargs)
 
         wrapper.autocast_rule = rule

@@ -176,3 +176,16 @@ def test_model_training_step_and_generate_under_autocast():
     with torch.autocast("cpu", dtype=torch.float16):
         out = model.generate(ids[:, :3], max_new_tokens=2)
     assert out.shape == (1, 5) and int(out.max()) < 260
+
+
+def test_autocast_rules_trace_under_torch_compile():
+    """The rules (argument binding, casts, autocast off inside) compile as one graph (fullgraph=True)."""
+    def f(x, w, r):
+        y, s = llama_triton.rms_norm(x, w, 1e-6, r)
+        q = y.view(1, 4, 2, 16)
+        return llama_triton.flash_attention(q, q, q).sum() + s.sum()
+
+    x, w, r = _r(4, 32, dtype=F16, grad=False), _r(32, grad=False), _r(4, 32, grad=False)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=F16):
+        torch.testing.assert_close(compiled(x, w, r), f(x, w, r), rtol=0, atol=0)
