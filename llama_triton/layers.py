@@ -225,12 +225,12 @@ class Attention(nn.Module):
     def _qkv(self, x):
         """q, k, v projections of x (b, s, hidden): one GEMM over the packed weight when q/k/v_proj are packed
         (``llama_triton.packing``) and no gradient is needed, else one per projection."""
-        from .packing import packed_weight
+        from .packing import fused_forward
 
-        packed = None if torch.is_grad_enabled() else packed_weight((self.q_proj, self.k_proj, self.v_proj))
-        if packed is None:
+        fused = None if torch.is_grad_enabled() else fused_forward((self.q_proj, self.k_proj, self.v_proj))
+        if fused is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        y = torch.nn.functional.linear(x, *packed)                                   # (b, s, (h + 2 h_kv) d)
+        y = fused(x)                                                                 # (b, s, (h + 2 h_kv) d)
         return y.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
 
     def _decode_step(self, hidden_states, cache, rope_table):
@@ -379,11 +379,11 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .packing import packed_weight
+        from .packing import fused_forward
 
-        packed = None if torch.is_grad_enabled() else packed_weight((self.gate_proj, self.up_proj))
-        if packed is not None:                          # one GEMM over the packed gate/up weight (inference)
-            return self.down_proj(swiglu(torch.nn.functional.linear(x, *packed)))
+        fused = None if torch.is_grad_enabled() else fused_forward((self.gate_proj, self.up_proj))
+        if fused is not None:                           # one GEMM over the packed gate/up weight (inference)
+            return self.down_proj(swiglu(fused(x)))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
     @classmethod

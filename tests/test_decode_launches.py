@@ -34,17 +34,28 @@ def test_decode_step_launches_per_layer_and_fixed():
     assert not any(k.startswith("triton:_rope") or "index_put" in k for k in c.names), c.names
 
 
-def test_int4_decode_step_launches():
-    """quantize_model's QuantLinears are not packed (yet): one quant GEMM per projection. One layer, counted
-    by scope (the quant kernel is slow in the interpreter); the fp32 test checks scopes == differences."""
+def test_int4_decode_step_launches_and_packed_quant_gemms():
+    """quantize_model's QuantLinears are packed too (qweight row blocks, scales/zeros column blocks of one
+    buffer): one quant GEMM for q/k/v and one for gate/up. One layer, counted by scope (the quant kernel is
+    slow in the interpreter; the fp32 test checks that scopes equal the 2-/3-layer differences)."""
+    from llama_triton.ops.swiglu import swiglu
     from llama_triton.quant import quantize_model
 
-    c = profiling.count_decode_step(quantize_model(_model(1), bits=4, group_size=16), prompt_len=2)
+    model = quantize_model(_model(1), bits=4, group_size=16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    c = profiling.count_decode_step(model, prompt_len=2)
     layer, fixed = c.scopes["layer 0"], c.outside_scopes()
-    gemms = sum(v for k, v in layer.names.items() if k.startswith("triton:") and (
-        "quant" in k or k == "triton:_decode_kernel"))
-    assert gemms == 7 and layer.launches == 4 + gemms and fixed.launches <= MAX_FIXED, c.names
-    assert c.syncs == 0, c.names
+    assert layer.launches <= MAX_PER_LAYER and fixed.launches <= MAX_FIXED and c.syncs == 0, c.names
+    assert layer.names["triton:_decode_split_kernel"] == 1 and layer.aten == 0, layer.names
+    mlp = model.model.layers[0].mlp
+    assert packing.fused_forward([mlp.gate_proj, mlp.up_proj]) is not None
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fused = mlp(x)
+        ref = mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))           # one quant GEMM each
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    after = model.state_dict()                                                   # names and values kept
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
 
 
 def test_fused_decode_tokens_equal_the_general_path():
