@@ -176,9 +176,16 @@ def _visible_t(rows_pos, cols, window_left, window_right, HAS_LEFT: tl.constexpr
 
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
+def _softcap(s, cap):
+    """cap * tanh(s / cap) (Gemma-2 soft-capping; scores and cap in the same units), tanh written with exp
+    (no libdevice): +-inf -> +-cap."""
+    return cap * (1.0 - 2.0 / (tl.math.exp2(s * (2.8853900817779268 / cap)) + 1.0))   # exp(2 s / cap)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-               rows_pos, k_len, lo, hi, qk_scale, window_left, window_right,
-               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               rows_pos, k_len, lo, hi, qk_scale, softcap, window_left, window_right,
+               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -195,6 +202,8 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
         else:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
         qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                         # (M, N), log2 units
+        if HAS_SOFTCAP:                                                                   # (softcap in log2 units)
+            qk = _softcap(qk, softcap)
         if MASKED:
             qk = tl.where(_visible(rows_pos, cols, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT),
                           qk, float("-inf"))
@@ -217,7 +226,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_fwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"],
+@triton.autotune(configs=_fwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN", "HAS_SOFTCAP"],
                  prune_configs_by={"early_config_prune": _fwd_prune})
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_fwd_kernel(
@@ -228,8 +237,8 @@ def _attn_fwd_kernel(
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh,                                       # lse: (b, h, sq) or (h, total_q)
-    qk_scale, window_left, window_right,
-    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    qk_scale, softcap, window_left, window_right,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -262,14 +271,14 @@ def _attn_fwd_kernel(
     lo, full_lo, full_hi, hi = _kv_range(m0, q_len, k_len, window_left, window_right,
                                          HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
-                               lo, full_lo, qk_scale, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                               lo, full_lo, qk_scale, softcap, window_left, window_right, True, HAS_LEFT,
+                               HAS_RIGHT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
-                               full_lo, full_hi, qk_scale, window_left, window_right, False, HAS_LEFT, HAS_RIGHT,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                               full_lo, full_hi, qk_scale, softcap, window_left, window_right, False, HAS_LEFT,
+                               HAS_RIGHT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
-                               full_hi, hi, qk_scale, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                               full_hi, hi, qk_scale, softcap, window_left, window_right, True, HAS_LEFT,
+                               HAS_RIGHT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
 
     empty = l_i == 0.0                                          # nothing visible: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -316,8 +325,8 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,
-                    cols, k_len, q_len, lo, hi, qk_scale, window_left, window_right,
-                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    cols, k_len, q_len, lo, hi, qk_scale, softcap, window_left, window_right,
+                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -335,6 +344,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_qd, strid
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634        # empty row: p = 0
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale                  # (N, M), log2 units
+        if HAS_SOFTCAP:
+            st = _softcap(st, softcap)
         pt = tl.math.exp2(st - lse[None, :])
         if MASKED:
             pt = tl.where(_visible_t(rows + (k_len - q_len), cols, window_left, window_right, HAS_LEFT, HAS_RIGHT),
@@ -342,11 +353,14 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_qd, strid
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)                   # (N, D)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)                           # (N, M)
         dst = pt * (dpt - delta[None, :])
+        if HAS_SOFTCAP:                                   # d(cap * tanh(s / cap)) / ds = 1 - tanh**2
+            tt = st / softcap
+            dst = dst * (1.0 - tt * tt)
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)                     # (N, D)
     return dk, dv
 
 
-@triton.autotune(configs=_bwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"],
+@triton.autotune(configs=_bwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN", "HAS_SOFTCAP"],
                  prune_configs_by={"early_config_prune": _bwd_prune})
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dkdv_kernel(
@@ -359,8 +373,8 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
     stride_lb, stride_lh,
-    qk_scale, sm_scale, window_left, window_right,
-    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    qk_scale, sm_scale, softcap, window_left, window_right,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -394,14 +408,14 @@ def _attn_bwd_dkdv_kernel(
         LSEh = LSE + b64 * stride_lb + h64 * stride_lh + q_row0
         DELTAh = DELTA + b64 * stride_lb + h64 * stride_lh + q_row0
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_qd, stride_dom, stride_dod,
-                                 cols, k_len, q_len, lo, full_lo, qk_scale, window_left, window_right,
-                                 True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                                 cols, k_len, q_len, lo, full_lo, qk_scale, softcap, window_left, window_right,
+                                 True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_qd, stride_dom, stride_dod,
-                                 cols, k_len, q_len, full_lo, full_hi, qk_scale, window_left, window_right,
-                                 False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                                 cols, k_len, q_len, full_lo, full_hi, qk_scale, softcap, window_left, window_right,
+                                 False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_qd, stride_dom, stride_dod,
-                                 cols, k_len, q_len, full_hi, hi, qk_scale, window_left, window_right,
-                                 True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                                 cols, k_len, q_len, full_hi, hi, qk_scale, softcap, window_left, window_right,
+                                 True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
     dk *= sm_scale
     tl.store(DK + b64 * stride_dkb + k_row0 * stride_dkn + hk64 * stride_dkh
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=tile_ok)
@@ -411,8 +425,8 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                  rows_pos, k_len, lo, hi, qk_scale, window_left, window_right,
-                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  rows_pos, k_len, lo, hi, qk_scale, softcap, window_left, window_right,
+                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -433,16 +447,21 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, 
             k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale                  # (M, N)
+        if HAS_SOFTCAP:
+            s = _softcap(s, softcap)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             p = tl.where(_visible(rows_pos, cols, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)                            # (M, N)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            t = s / softcap
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)                      # (M, D)
     return dq
 
 
-@triton.autotune(configs=_bwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN"],
+@triton.autotune(configs=_bwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN", "HAS_SOFTCAP"],
                  prune_configs_by={"early_config_prune": _bwd_prune})
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dq_kernel(
@@ -454,8 +473,8 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_dom, stride_doh, stride_dod,
     stride_dqb, stride_dqm, stride_dqh, stride_dqd,
     stride_lb, stride_lh,
-    qk_scale, sm_scale, window_left, window_right,
-    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    qk_scale, sm_scale, softcap, window_left, window_right,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -490,14 +509,14 @@ def _attn_bwd_dq_kernel(
     lo, full_lo, full_hi, hi = _kv_range(m0, q_len, k_len, window_left, window_right,
                                          HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_M)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
-                       lo, full_lo, qk_scale, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
-                       HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                       lo, full_lo, qk_scale, softcap, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
+                       HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
-                       full_lo, full_hi, qk_scale, window_left, window_right, False, HAS_LEFT, HAS_RIGHT,
-                       HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                       full_lo, full_hi, qk_scale, softcap, window_left, window_right, False, HAS_LEFT, HAS_RIGHT,
+                       HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, rows_pos, k_len,
-                       full_hi, hi, qk_scale, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
-                       HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                       full_hi, hi, qk_scale, softcap, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
+                       HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
     dq *= sm_scale
     tl.store(DQ + b64 * stride_dqb + q_row0 * stride_dqm + h64 * stride_dqh
              + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=tile_ok)
@@ -588,6 +607,13 @@ def check_inputs(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -1),
     return float(softmax_scale), left, right, maxima[0], maxima[1]
 
 
+def check_softcap(softcap) -> float:
+    """softcap: a finite float >= 0 (0 = off, flash-attn's convention); ValueError otherwise."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0.0 = no soft-capping), got {softcap!r}")
+    return float(softcap)
+
+
 def _strides4(t: torch.Tensor, varlen: bool):
     """(batch, seq, head, dim) strides; packed varlen tensors have no batch stride."""
     return (0, *t.stride()) if varlen else tuple(t.stride())
@@ -603,10 +629,10 @@ def _lse_strides(q: torch.Tensor, varlen: bool):
 
 
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                  softmax_scale: float, window_left: int, window_right: int):
+                  softmax_scale: float, window_left: int, window_right: int, softcap: float = 0.0):
     """q (b, sq, h, d) / (total_q, h, d), k/v (b, sk, h_kv, d) / (total_k, h_kv, d), any strides; windows
-    with -1 = unbounded (causal: window_right = 0). -> out like q (contiguous, q's dtype), lse fp32
-    (b, h, sq) / (h, total_q)."""
+    with -1 = unbounded (causal: window_right = 0); softcap > 0: scores ``softcap * tanh(s / softcap)``.
+    -> out like q (contiguous, q's dtype), lse fp32 (b, h, sq) / (h, total_q)."""
     varlen = cu_seqlens_q is not None
     check_inputs(q, k, v, False, softmax_scale, (window_left, window_right), cu_seqlens_q, cu_seqlens_k,
                  max_seqlen_q, max_seqlen_k, check_values=False)
@@ -624,15 +650,15 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
         seqlen_q, seqlen_k, heads // heads_kv, _seq_bucket(max(max_seqlen_q, max_seqlen_k)),
         *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(out, varlen),
         *_lse_strides(q, varlen),
-        float(softmax_scale) * LOG2E, window_left, window_right,
-        IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        float(softmax_scale) * LOG2E, float(softcap) * LOG2E, window_left, window_right,
+        IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), PRECISION=_precision(q.dtype),
     )
     return out, lse
 
 
 def attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-                  max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int):
+                  max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int, softcap: float = 0.0):
     """Gradients of attention_fwd. dout like q (any strides), out/lse as returned by attention_fwd, dlse
     (lse's shape) or None. -> dq, dk, dv (contiguous, input dtypes); dk/dv summed over each GQA group.
     Deterministic: every gradient element is written by exactly one program, no atomics."""
@@ -659,9 +685,9 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max
         seqlen_q, *_strides4(out, varlen), *_strides4(dout, varlen), *lse_strides,
         IS_VARLEN=varlen, HAS_DLSE=dlse is not None, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
     )
-    common = dict(IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+    common = dict(IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
                   HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
-    scales = (float(softmax_scale) * LOG2E, float(softmax_scale), window_left, window_right)
+    scales = (float(softmax_scale) * LOG2E, float(softmax_scale), float(softcap) * LOG2E, window_left, window_right)
     sizes = (seqlen_q, seqlen_k, heads // heads_kv, _seq_bucket(max(max_seqlen_q, max_seqlen_k)))
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), heads_kv, n_seqs)](
         q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *sizes,

@@ -9,8 +9,9 @@ flash-attn's ``causal=False`` default: our own ``flash_attention`` defaults to `
 optional rotary embedding, through ``llama_triton.apply_rotary_pos_emb``) and then calls
 ``decode_attention`` (one query, or a causal chunk of up to 16) or ``flash_attention`` per sequence.
 
-Not supported (ValueError naming the argument): ``dropout_p > 0``, ``alibi_slopes``, ``softcap != 0``, and
-for the cache ``block_table`` (paged KV) and ``cache_leftpad``. ``deterministic`` is accepted and ignored
+``softcap > 0`` (Gemma-2's attention logit soft-capping) is supported, forward and backward.
+Not supported (ValueError naming the argument): ``dropout_p > 0``, ``alibi_slopes``, and for the cache
+``block_table`` (paged KV) and ``cache_leftpad``. ``deterministic`` is accepted and ignored
 (our backward is always deterministic). ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``:
 flash-attn's third value (the attention probabilities, "for testing only") is not computed.
 """
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .kernels._checks import check_same_device, check_tensor
+from .kernels.flash_attention import check_softcap
 from .ops.decode_attention import decode_attention
 from .ops.flash_attention import flash_attention
 from .ops.rope import apply_rotary_pos_emb
@@ -29,13 +31,11 @@ from .ops.rope import apply_rotary_pos_emb
 _DECODE_MAX_Q = 16          # decode_attention's q_len limit (kernels/decode_attention.MAX_Q_LEN)
 
 
-def _reject(dropout_p=0.0, softcap=0.0, alibi_slopes=None, **extra):
+def _reject(dropout_p=0.0, alibi_slopes=None, **extra):
     """ValueError for the flash-attn options our kernels do not implement (never a silent wrong result)."""
     if dropout_p:
         raise ValueError(f"dropout_p={dropout_p!r} is not supported by llama_triton's attention (no dropout); "
                          "pass dropout_p=0.0")
-    if softcap:
-        raise ValueError(f"softcap={softcap!r} is not supported by llama_triton's attention; pass softcap=0.0")
     if alibi_slopes is not None:
         raise ValueError("alibi_slopes is not supported by llama_triton's attention; pass alibi_slopes=None")
     for name, value in extra.items():
@@ -53,9 +53,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     heads_kv, head_dim)`` -> out like q; with ``return_attn_probs``, ``(out, softmax_lse (batch, heads,
     seqlen_q) fp32, None)``. Bottom-right causal alignment and windows as flash-attn; differentiable.
     ``llama_triton.flash_attention(q, k, v, causal=causal, ...)``."""
-    _reject(dropout_p, softcap, alibi_slopes)
+    _reject(dropout_p, alibi_slopes)
     res = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=tuple(window_size),
-                          return_lse=return_attn_probs)
+                          return_lse=return_attn_probs, softcap=softcap)
     return _with_probs(res, return_attn_probs)
 
 
@@ -65,10 +65,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """flash-attn's ``flash_attn_varlen_func``: packed q ``(total_q, heads, head_dim)``, k/v ``(total_k,
     heads_kv, head_dim)``, int32 ``cu_seqlens_q/k (n_seqs + 1,)`` -> out like q; with
     ``return_attn_probs``, ``(out, softmax_lse (heads, total_q) fp32, None)``. Differentiable."""
-    _reject(dropout_p, softcap, alibi_slopes, block_table=block_table)
+    _reject(dropout_p, alibi_slopes, block_table=block_table)
     res = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=tuple(window_size),
                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                          max_seqlen_k=max_seqlen_k, return_lse=return_attn_probs)
+                          max_seqlen_k=max_seqlen_k, return_lse=return_attn_probs, softcap=softcap)
     return _with_probs(res, return_attn_probs)
 
 
@@ -158,11 +158,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns:
         out ``(batch, seqlen_q, heads, head_dim)`` in q's dtype (and the lse).
 
-    Attention runs in ``decode_attention`` when seqlen_q is 1 (or causal and <= 16) and no lse is asked
-    for: no host sync. Otherwise ``flash_attention`` per sequence, which reads ``cache_seqlens`` on the host.
+    Attention runs in ``decode_attention`` when seqlen_q is 1 (or causal and <= 16), no lse is asked for
+    and softcap is 0: no host sync. Otherwise ``flash_attention`` per sequence, which reads
+    ``cache_seqlens`` on the host.
     With cache_batch_idx, the selected cache rows are gathered (a copy) for the attention.
     """
-    _reject(0.0, softcap, alibi_slopes, block_table=block_table, cache_leftpad=cache_leftpad)
+    _reject(0.0, alibi_slopes, block_table=block_table, cache_leftpad=cache_leftpad)
+    softcap = check_softcap(softcap)
     _check_cache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx)
     b, sq = q.shape[:2]
     if cache_seqlens is None:
@@ -195,13 +197,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlens = cache_seqlens + new
     kc, vc = (k_cache, v_cache) if cache_batch_idx is None else (k_cache[rows], v_cache[rows])
     left, right = window_size
-    if not return_softmax_lse and (sq == 1 or (causal and sq <= _DECODE_MAX_Q)):
+    if not return_softmax_lse and not softcap and (sq == 1 or (causal and sq <= _DECODE_MAX_Q)):
         # one query sits at the last key: causal or not, it sees keys [n - 1 - left, n - 1]
         return decode_attention(q, kc, vc, seqlens, softmax_scale, (left, -1))
     outs, lses = [], []
     for i, n in enumerate(seqlens.tolist()):
         o, lse = flash_attention(q[i:i + 1], kc[i:i + 1, :n], vc[i:i + 1, :n], causal=causal,
-                                 softmax_scale=softmax_scale, window_size=(left, right), return_lse=True)
+                                 softmax_scale=softmax_scale, window_size=(left, right), return_lse=True,
+                                 softcap=softcap)
         outs.append(o)
         lses.append(lse)
     out, lse = torch.cat(outs), torch.cat(lses)

@@ -56,7 +56,7 @@ def attention_mask(seqlen_q: int, seqlen_k: int, causal: bool, window_size=(-1, 
     return mask
 
 
-def _attention_dense(q, k, v, causal, softmax_scale, window_size):
+def _attention_dense(q, k, v, causal, softmax_scale, window_size, softcap=0.0):
     """q (b, sq, h, d), k/v (b, sk, h_kv, d) -> out (b, sq, h, d) in q's dtype, lse (b, h, sq) fp32+."""
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
@@ -66,6 +66,8 @@ def _attention_dense(q, k, v, causal, softmax_scale, window_size):
     kf = k.to(ct).transpose(1, 2).repeat_interleave(h // h_kv, dim=1)          # (b, h, sk, d)
     vf = v.to(ct).transpose(1, 2).repeat_interleave(h // h_kv, dim=1)
     scores = (qf @ kf.transpose(-1, -2)) * scale                               # (b, h, sq, sk)
+    if softcap:                                                                # Gemma-2 soft-capping
+        scores = softcap * torch.tanh(scores / softcap)
     mask = attention_mask(sq, sk, causal, window_size, device=q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)                                      # (b, h, sq), -inf if empty
@@ -76,22 +78,24 @@ def _attention_dense(q, k, v, causal, softmax_scale, window_size):
 
 
 def attention(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -1), cu_seqlens_q=None,
-              cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False):
+              cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False, softcap=0.0):
     """Softmax attention with flash-attn's interface and conventions (the oracle for flash/decode attention).
 
     Dense: q (b, sq, h, d), k/v (b, sk, h_kv, d) with h % h_kv == 0 (GQA: query head i uses kv head
     i // (h // h_kv)). Varlen: q (total_q, h, d), k/v (total_k, h_kv, d) with int32 cu_seqlens_q/k (n+1,).
     Returns out like q (q's dtype) and, with return_lse, lse (b, h, sq) / (h, total_q) in fp32 (fp64 for
-    fp64 input). A query with no key to attend to gets out = 0 and lse = -inf.
+    fp64 input). A query with no key to attend to gets out = 0 and lse = -inf. softcap > 0: the scaled
+    scores become ``softcap * tanh(scores / softcap)`` before the mask and softmax (flash-attn's softcap).
     """
     if cu_seqlens_q is None:
-        out, lse = _attention_dense(q, k, v, causal, softmax_scale, window_size)
+        out, lse = _attention_dense(q, k, v, causal, softmax_scale, window_size, softcap)
         return (out, lse) if return_lse else out
     outs, lses = [], []
     for i in range(cu_seqlens_q.numel() - 1):
         qs, qe = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
         ks, ke = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
-        o, l = _attention_dense(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal, softmax_scale, window_size)
+        o, l = _attention_dense(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal, softmax_scale, window_size,
+                                softcap)
         outs.append(o[0])
         lses.append(l[0])
     out, lse = torch.cat(outs, 0), torch.cat(lses, -1)

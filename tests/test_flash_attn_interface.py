@@ -77,8 +77,8 @@ def test_flash_attn_varlen_func_is_flash_attention():
 
 
 @pytest.mark.parametrize("fn", ["func", "varlen", "kvcache"])
-@pytest.mark.parametrize("bad,match", [({"softcap": 30.0}, "softcap"), ({"alibi_slopes": torch.ones(2)}, "alibi_slopes"),
-                                       ({"dropout_p": 0.1}, "dropout_p")])
+@pytest.mark.parametrize("bad,match", [({"alibi_slopes": torch.ones(2)}, "alibi_slopes"), ({"dropout_p": 0.1}, "dropout_p"),
+                                       ({"softcap": -1.0}, "softcap")])
 def test_unsupported_options_raise(fn, bad, match):
     q, k, v = _qkv(1, 2, 3, 2, 2)
     if fn == "kvcache" and "dropout_p" in bad:
@@ -92,6 +92,31 @@ def test_unsupported_options_raise(fn, bad, match):
             flash_attn_varlen_func(q[0], k[0, :2], v[0, :2], cu, cu, 2, 2, **bad)
         else:
             flash_attn_with_kvcache(q, k, v, cache_seqlens=1, **bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kw", [{"causal": True}, {"window_size": (4, 1)}])
+def test_softcap_vs_reference(kw, dtype):
+    """Gemma-2's attention logit soft-capping, ``softcap * tanh(scores / softcap)`` (flash-attn's ``softcap``):
+    out, lse and dq/dk/dv against the reference under the 2x rule (odd lengths, GQA)."""
+    torch.manual_seed(0)
+    q, k, v = (1.5 * t for t in _qkv(1, 17, 19, 4, 2, dtype=torch.float32))   # scores of a few units: cap 3 bites
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+    def run(fn, args):
+        leaves = [t.detach().clone().requires_grad_() for t in args]
+        out, lse = fn(*leaves)
+        return (out.detach(), lse.detach()) + torch.autograd.grad(out, leaves, g.to(out.dtype))
+
+    ours = run(lambda *a: flash_attn_func(*a, softcap=3.0, return_attn_probs=True, **kw)[:2], (q, k, v))
+    ref = lambda *a: reference.attention(*a, softcap=3.0, return_lse=True, causal=kw.get("causal", False),  # noqa: E731
+                                         window_size=kw.get("window_size", (-1, -1)))
+    low, hi = run(ref, (q, k, v)), run(ref, testing.to_oracle((q, k, v)))
+    for name, o, l, h in zip(("out", "lse", "dq", "dk", "dv"), ours, low, hi):
+        testing.assert_close(name, o, l, h)
+    plain = flash_attn_func(q, k, v, **kw)
+    assert (plain - ours[0]).abs().max() > 1e-2                     # the cap changed the result
 
 
 # ------------------------------------------------------------------------------- flash_attn_with_kvcache
@@ -109,7 +134,7 @@ def _rotary_ref(x, cos, sin, interleaved):
     return torch.cat((y.to(x.dtype), rest), dim=-1)
 
 
-def _kvcache_ref(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, causal, window, interleaved):
+def _kvcache_ref(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, causal, window, interleaved, softcap=0.0):
     """flash_attn_with_kvcache's documented semantics in plain PyTorch (fp64 math): -> (out, k_cache, v_cache)."""
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     b, sq = q.shape[:2]
@@ -129,7 +154,7 @@ def _kvcache_ref(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, causal
             k_cache[j, n:n + sn], v_cache[j, n:n + sn] = ki[0], vi[0]
             n += sn
         outs.append(reference.attention(qi.double(), k_cache[j:j + 1, :n].double(), v_cache[j:j + 1, :n].double(),
-                                        causal=causal, window_size=window))
+                                        causal=causal, window_size=window, softcap=softcap))
     return torch.cat(outs).to(q.dtype), k_cache, v_cache
 
 
@@ -143,6 +168,7 @@ def _kvcache_ref(q, k_cache, v_cache, k, v, cos, sin, seqlens, batch_idx, causal
     dict(sq=2, rotary=True, interleaved=True, batch_idx=True),      # non-causal: q rotated at cache_seqlens
     dict(sq=1, window=(2, -1), int_seqlens=True),
     dict(sq=2, no_new=True, causal=True),                           # attention over the cache only
+    dict(sq=1, softcap=2.0),                                        # softcap: the flash_attention path
 ])
 def test_flash_attn_with_kvcache(case, dtype):
     torch.manual_seed(0)
@@ -165,12 +191,13 @@ def test_flash_attn_with_kvcache(case, dtype):
         angle = torch.rand(cache_len, rd // 2, device=DEVICE) * 6
         cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
     causal, window, interleaved = case.get("causal", False), case.get("window", (-1, -1)), case.get("interleaved", True)
+    softcap = case.get("softcap", 0.0)
     exp_out, exp_k, exp_v = _kvcache_ref(q, k_cache, v_cache, k, v, cos, sin, seq_t, batch_idx, causal, window,
-                                         interleaved)
+                                         interleaved, softcap)
     kc, vc = k_cache.clone(), v_cache.clone()
     out = flash_attn_with_kvcache(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
                                   cache_batch_idx=batch_idx, causal=causal, window_size=window,
-                                  rotary_interleaved=interleaved)
+                                  rotary_interleaved=interleaved, softcap=softcap)
     # the new k/v were written into the caches in place (rotated k; one rounding, so within 1 ulp)
     torch.testing.assert_close(kc, exp_k, rtol=1e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)
     torch.testing.assert_close(vc, exp_v, rtol=0, atol=0)
@@ -207,3 +234,22 @@ def test_kvcache_bad_input():
         flash_attn_with_kvcache(q, k_cache, v_cache, k=k.half(), v=k.half(), cache_seqlens=1)
     with pytest.raises(ValueError, match="rotary_sin"):
         flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=k, cache_seqlens=1, rotary_cos=torch.ones(4, 8))
+
+
+_SOFTCAP_LOWERING = r"""
+import torch
+from llama_triton import flash_attn_func
+
+L.all_configs = False                       # the first surviving config of each kernel
+q, k, v = (torch.randn(1, 200, h, 256, dtype=torch.bfloat16).requires_grad_() for h in (4, 2, 2))
+flash_attn_func(q, k, v, causal=True, softcap=50.0).sum().backward()      # Gemma-2: head_dim 256, cap 50
+print("LOWERING OK", len(L.compiled))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
+def test_softcap_kernels_lower_to_sm90_without_a_gpu():
+    import lowering_check
+    stdout = lowering_check.run_snippet(_SOFTCAP_LOWERING)
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        assert f"compiled {name}" in stdout and "HAS_SOFTCAP=True" in stdout, stdout

@@ -14,13 +14,14 @@ from ..kernels import flash_attention as K
 @torch.library.custom_op("llama_triton::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int,
-                    window_right: int) -> tuple[Tensor, Tensor]:
+                    window_right: int, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     return K.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                           window_left, window_right)
+                           window_left, window_right, softcap)
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+      softcap=0.0):
     if cu_seqlens_q is not None:                                   # (total_q, h, d) -> lse (h, total_q)
         lse_shape = (q.shape[1], q.shape[0])
     else:                                                          # (b, sq, h, d) -> lse (b, h, sq)
@@ -32,28 +33,28 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def _flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
                     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                     max_seqlen_k: int, softmax_scale: float, window_left: int,
-                    window_right: int) -> tuple[Tensor, Tensor, Tensor]:
+                    window_right: int, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     return K.attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale, window_left, window_right)
+                           softmax_scale, window_left, window_right, softcap)
 
 
 @_flash_attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right):
+      window_left, window_right, softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_fwd(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, left, right)
+    ctx.args = (max_q, max_k, scale, left, right, softcap)
 
 
 def _backward_fwd(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
@@ -64,7 +65,7 @@ _flash_attn_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, softmax_scale: Optional[float] = None,
                     window_size: tuple[int, int] = (-1, -1), cu_seqlens_q: Optional[Tensor] = None,
                     cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
-                    max_seqlen_k: Optional[int] = None, return_lse: bool = False):
+                    max_seqlen_k: Optional[int] = None, return_lse: bool = False, softcap: float = 0.0):
     """Softmax attention, FlashAttention-2 style, with flash-attn's interface and conventions.
 
     Args:
@@ -79,7 +80,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, softma
         window_size: ``(left, right)`` sliding window, -1 = unbounded; with causal, right is 0.
         cu_seqlens_q, cu_seqlens_k: int32 ``(n_seqs + 1,)`` offsets of packed sequences (varlen mode).
         max_seqlen_q, max_seqlen_k: longest sequence (varlen); read from cu_seqlens when None.
-        return_lse: also return the log-sum-exp of the scaled scores.
+        return_lse: also return the log-sum-exp of the scaled (and capped) scores.
+        softcap: 0 (off) or > 0: scores ``softcap * tanh(scale * q.k / softcap)`` before the mask and the
+            softmax (Gemma-2's attention logit soft-capping; flash-attn's ``softcap``), forward and backward.
 
     head_dim: a multiple of 8 up to 256 (non-powers of 2 are padded with masking in the kernel).
 
@@ -93,8 +96,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, softma
     """
     scale, left, right, max_q, max_k = K.check_inputs(q, k, v, causal, softmax_scale, window_size, cu_seqlens_q,
                                                       cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    softcap = K.check_softcap(softcap)
     if not backend.use_triton(q):
         return reference.attention(q, k, v, causal, scale, (left, right), cu_seqlens_q, cu_seqlens_k,
-                                   max_q, max_k, return_lse)
-    out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right)
+                                   max_q, max_k, return_lse, softcap)
+    out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, left, right, softcap)
     return (out, lse) if return_lse else out
