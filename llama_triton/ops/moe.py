@@ -98,6 +98,7 @@ def moe_experts(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor, topk_ids: Te
     return _moe_fwd(x2, gate_up_proj, down_proj, topk_ids, topk_weights, save)[0].view(shape)
 
 
+@backend.public_op("keep")     # routing math is fp32 inside (softmax, top-k)
 def route(router_logits: Tensor, top_k: int, renormalize: bool = True, dtype: torch.dtype | None = None):
     """Softmax over all experts (fp32), top-k, optionally renormalised to sum 1 (Mixtral: always;
     Qwen2/3-MoE: when ``norm_topk_prob``). -> ``(topk_weights (T, top_k), topk_ids (T, top_k) int64)``;
