@@ -117,4 +117,3 @@ def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_m
     """transformers' ``load_balancing_loss_func`` (Switch Transformer): router_logits is a tuple of per-layer
     ``(tokens, E)`` logits (or one tensor). Multiply by ``router_aux_loss_coef`` and add to the LM loss."""
     return reference.moe_load_balancing_loss(router_logits, num_experts, top_k, attention_mask)
-@backend.public_op("keep")     # routing math is fp32 inside (softmax, top-k)
