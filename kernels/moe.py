@@ -110,6 +110,40 @@ def _moe_align_kernel(
             tl.store(SORTED + p, S, mask=p < max_blocks * BLOCK_M)
 
 
+# ------------------------------------------------------------------------------------------- routing
+@triton.jit(do_not_specialize=["T"])
+def _moe_route_kernel(
+    L, W, IDS,                                    # pointers: logits (T, E), weights (T, TOP_K), ids (T, TOP_K)
+    T, E,
+    stride_l,
+    TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One token per program: p = softmax(logits) in fp32, the TOP_K largest (ties: the lower expert id first),
+    w = p_selected (/ their sum when RENORM), stored in W's dtype; ids int64, in decreasing p (torch.topk's order)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    mask = offs < E
+    logits = tl.load(L + row * stride_l + offs, mask=mask, other=-float("inf")).to(tl.float32)
+    p = tl.exp(logits - tl.max(logits, axis=0))
+    p = p / tl.sum(p, axis=0)
+    avail = tl.where(mask, p, -1.0)
+    offs_k = tl.arange(0, BLOCK_K)
+    top_v = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    top_i = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        # -- the largest remaining probability, then take it out
+        best = tl.max(avail, axis=0)
+        idx = tl.minimum(tl.min(tl.where(avail == best, offs, BLOCK_E), axis=0), E - 1)   # NaN rows stay in range
+        top_v = tl.where(offs_k == j, best, top_v)
+        top_i = tl.where(offs_k == j, idx, top_i)
+        avail = tl.where(offs == idx, -1.0, avail)
+    if RENORM:
+        top_v = top_v / tl.sum(tl.where(offs_k < TOP_K, top_v, 0.0), axis=0)
+    kmask = offs_k < TOP_K
+    tl.store(W + row * TOP_K + offs_k, top_v.to(W.dtype.element_ty), mask=kmask)
+    tl.store(IDS + row * TOP_K + offs_k, top_i.to(tl.int64), mask=kmask)
+
+
 # ------------------------------------------------------------------------------------ grouped GEMMs
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
@@ -350,6 +384,27 @@ def _num_blocks(S: int, E: int, bm: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- launchers
+def check_route(router_logits, top_k):
+    check_tensor("router_logits", router_logits, FLOAT_DTYPES, ndim=2)
+    E = router_logits.shape[1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be an int in [1, {E}] (the number of experts), got {top_k!r}")
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool, out_dtype: torch.dtype):
+    """router_logits (T, E) -> (topk_weights (T, top_k) in out_dtype, topk_ids (T, top_k) int64): softmax in
+    fp32, top-k, optionally renormalised, in one launch (Mixtral / Qwen-MoE routing)."""
+    check_route(router_logits, top_k)
+    T, E = router_logits.shape
+    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    w = torch.empty((T, top_k), dtype=out_dtype, device=logits.device)
+    ids = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
+    if T:
+        _moe_route_kernel[(T,)](logits, w, ids, T, E, logits.stride(0), TOP_K=top_k, RENORM=renormalize,
+                                BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k))
+    return w, ids
+
+
 def check_inputs(x, gate_up_proj, down_proj, topk_ids, topk_weights):
     """Validate moe_experts' arguments; raises TypeError/ValueError naming the argument. Returns
     (T, H, E, I, top_k)."""

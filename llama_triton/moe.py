@@ -141,8 +141,8 @@ class SparseMoeBlock(nn.Module):
     ``config.shared_expert_intermediate_size``): router linear, routing, our grouped experts kernel.
 
     ``forward(hidden_states (b, s, H) or (T, H))`` -> same shape. Keeps ``last_router_logits (T, E)``.
-    Launches per call (tokens > 0): router matmul + routing (a few torch ops), 4 (top-1) or 5 (top-k)
-    Triton launches for the experts (alignment 2, gate_up+SwiGLU 1, down 1, top-k combine 1). At decode
+    Launches per call (tokens > 0): the router matmul, one routing launch (softmax + top-k + renormalise),
+    4 (top-1) or 5 (top-k) for the experts (alignment 2, gate_up+SwiGLU 1, down 1, top-k combine 1). At decode
     sizes (<= 16 pairs per expert on average) each M block holds one expert's rows, so each selected expert's
     weights are read once and the others not at all.
     """

@@ -583,6 +583,39 @@ REGISTRY.append(OpSpec(
 ))
 
 
+def _route_inputs(shape, dtype, device):
+    """Router logits with distinct values in each row (a random permutation of an even grid over [-4, 4),
+    exact in fp16/bf16), so that the top-k set and order are unambiguous (ties are not)."""
+    t, e = shape["tokens"], shape["experts"]
+    perm = torch.argsort(torch.rand(t, e, device=device), dim=-1)
+    return ((perm.float() * (8.0 / e) - 4.0).to(dtype),)
+
+
+def _route_fn(renormalize, top_k):
+    def fn(logits):
+        from .ops.moe import route
+
+        return route(logits, top_k, renormalize)
+    return fn
+
+
+# Mixtral (8 experts top-2, renormalised) and Qwen3-30B-A3B-like (128 experts top-8, norm_topk_prob off)
+for _renorm, _e, _k in ((True, 8, 2), (False, 128, 8)):
+    REGISTRY.append(OpSpec(
+        name=f"moe_route_e{_e}_k{_k}" + ("" if _renorm else "_nonorm"),
+        fn=_route_fn(_renorm, _k),
+        reference=lambda x, _k=_k, _r=_renorm: reference.moe_route(x, _k, _r),
+        make_inputs=_route_inputs,
+        flops=lambda s: 0,
+        bytes=lambda s, dt, mode, _k=_k: s["tokens"] * (s["experts"] * _elt(dt) + _k * 12),   # logits; w fp32 + ids
+        test_shapes=[{"tokens": t, "experts": _e} for t in (1, 5)],
+        bench_shapes=[{"tokens": t, "experts": _e} for t in (1, 16, 1024, 8192)],
+        grad_inputs=(0,),
+        description=f"MoE routing: softmax + top-{_k} of {_e}" + (" + renormalise" if _renorm else "")
+        + " in one launch",
+    ))
+
+
 def get(name: str) -> OpSpec:
     for spec in REGISTRY:
         if spec.name == name:

@@ -151,6 +151,23 @@ def test_deterministic_and_decode_launches():
         assert count.triton == launches and count.syncs == 0, count.names
 
 
+def test_our_block_launches():
+    """Our SparseMoeBlock at decode size: the router matmul, one routing launch (softmax + top-k +
+    renormalise), the 5 expert launches; no host sync."""
+    from llama_triton.layers import SparseMoeBlock
+    from llama_triton.profiling import count_kernels
+
+    block = SparseMoeBlock(_hf_config("mixtral", num_hidden_layers=1))
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.1)
+    x = torch.randn(1, 1, 32, device=DEVICE)
+    block(x)
+    _, count = count_kernels(block, x)
+    assert count.triton == 6 and count.aten == 1 and count.syncs == 0, count.names
+    assert count.names["triton:_moe_route_kernel"] == 1
+
+
 def test_bad_input_is_rejected():
     x, gu, down, ids, w = SPEC.make_inputs(_shape(3, 4, 2), torch.float32, DEVICE)
     with pytest.raises(ValueError, match="top_k"):

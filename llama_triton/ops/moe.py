@@ -68,6 +68,47 @@ def _backward(ctx, dout, *unused):
 _moe_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("llama_triton::moe_route", mutates_args=())
+def _moe_route(router_logits: Tensor, top_k: int, renormalize: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return K.moe_route(router_logits, top_k, renormalize, out_dtype)
+
+
+@_moe_route.register_fake
+def _(router_logits, top_k, renormalize, out_dtype):
+    T = router_logits.shape[0]
+    return router_logits.new_empty((T, top_k), dtype=out_dtype), router_logits.new_empty((T, top_k), dtype=torch.int64)
+
+
+def _route_reference(router_logits, ids, renormalize, out_dtype):
+    """The routing weights of given expert ids, differentiable: softmax (fp32), gather, renormalise."""
+    w = torch.softmax(router_logits, dim=-1, dtype=torch.float32).gather(1, ids)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w.to(out_dtype)
+
+
+def _setup_route(ctx, inputs, output):
+    router_logits, _, renormalize, out_dtype = inputs
+    ctx.save_for_backward(router_logits, output[1])
+    ctx.renormalize, ctx.out_dtype = renormalize, out_dtype
+
+
+def _backward_route(ctx, dw, _):
+    """d logits through softmax -> gather -> renormalise, by autograd of the plain-PyTorch formula (the
+    selection itself is piecewise constant)."""
+    logits, ids = ctx.saved_tensors
+    # the kernel's ids are always in range; the clamp keeps this torch code in bounds where kernels are
+    # compiled but not run (tests/lowering_check.py leaves the outputs uninitialised)
+    ids = ids.clamp(0, logits.shape[-1] - 1)
+    with torch.enable_grad():
+        leaf = logits.detach().requires_grad_()
+        (dl,) = torch.autograd.grad(_route_reference(leaf, ids, ctx.renormalize, ctx.out_dtype), leaf, dw)
+    return dl, None, None, None
+
+
+_moe_route.register_autograd(_backward_route, setup_context=_setup_route)
+
+
 # ------------------------------------------------------------------------------------------ public API
 @backend.public_op("lower")     # a matmul op: under autocast every float argument goes to the autocast dtype
 def moe_experts(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
@@ -101,11 +142,13 @@ def moe_experts(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor, topk_ids: Te
 @backend.public_op("keep")     # routing math is fp32 inside (softmax, top-k)
 def route(router_logits: Tensor, top_k: int, renormalize: bool = True, dtype: torch.dtype | None = None):
     """Softmax over all experts (fp32), top-k, optionally renormalised to sum 1 (Mixtral: always;
-    Qwen2/3-MoE: when ``norm_topk_prob``). -> ``(topk_weights (T, top_k), topk_ids (T, top_k) int64)``;
-    the weights in fp32 unless ``dtype`` is given (Qwen casts them to the logits' dtype). Differentiable."""
-    if not isinstance(top_k, int) or not 1 <= top_k <= router_logits.shape[-1]:
-        raise ValueError(f"top_k must be an int in [1, {router_logits.shape[-1]}] (the number of experts), "
-                         f"got {top_k!r}")
+    Qwen2/3-MoE: when ``norm_topk_prob``). router_logits ``(T, E)`` -> ``(topk_weights (T, top_k),
+    topk_ids (T, top_k) int64)``, ids in decreasing probability (ties: lower id first); the weights in fp32
+    unless ``dtype`` is given (Qwen casts them to the logits' dtype). One Triton launch where the backend
+    runs Triton, else plain PyTorch (``torch.topk``). Differentiable in the logits."""
+    K.check_route(router_logits, top_k)
+    if backend.use_triton(router_logits):        # softmax + top-k + renormalise in one launch
+        return _moe_route(router_logits, top_k, renormalize, torch.float32 if dtype is None else dtype)
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
