@@ -454,6 +454,15 @@ def _fa_shape(batch, seqlen, heads, heads_kv, head_dim):
     return {"batch": batch, "seqlen": seqlen, "heads": heads, "heads_kv": heads_kv, "head_dim": head_dim}
 
 
+_FA_SOFTCAP = 50.0   # Gemma-2's attn_logit_softcapping
+
+
+def _softcap_attention(q, k, v):
+    from .ops.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, causal=True, softcap=_FA_SOFTCAP)
+
+
 def _flash_attention(causal):
     def fn(q, k, v):
         from .ops.flash_attention import flash_attention
@@ -479,6 +488,19 @@ for _name, _causal in (("flash_attention", True), ("flash_attention_noncausal", 
         description=f"flash attention fwd/bwd ({'causal' if _causal else 'non-causal'}, GQA, flash-attn layout)",
         config=_fa_config,
     ))
+REGISTRY.append(OpSpec(
+    name="flash_attention_softcap",
+    fn=_softcap_attention,
+    reference=lambda q, k, v: reference.attention(q, k, v, causal=True, softcap=_FA_SOFTCAP),
+    make_inputs=_fa_inputs,
+    flops=_fa_flops(True),
+    bytes=_fa_bytes,
+    test_shapes=[_fa_shape(2, 17, 4, 1, 32)],
+    bench_shapes=_FA_BENCH_SHAPES[:2],
+    grad_inputs=(0, 1, 2),
+    description="causal flash attention with Gemma-2's score soft-capping (softcap=50)",
+    config=_fa_config,
+))
 
 
 # ------------------------------------------------------------------------------- low-rank matmul (issue 18)
