@@ -12,6 +12,8 @@ and ``down_proj (E, H, I)``.
     y[s]   = w[s] * (h1[s] @ down_proj[e].T)                 (H,)    routing weight in the GEMM2 epilogue
     out[t] = sum_k y[t * TOPK + k]                           (H,)    fixed-order fp32 sum (combine kernel)
 
+Routing (``moe_route``, one launch): softmax over the experts in fp32, top-k, optionally renormalised.
+
 Alignment (``moe_align``, two launches, on the device, no host sync): the flat indices are sorted by expert
 (stable: increasing s within an expert) and each expert's run is padded to a multiple of ``BLOCK_M`` with the
 sentinel ``S``. ``sorted_ids (max_blocks * BLOCK_M,)``, ``block_expert (max_blocks,)`` (the expert of each
