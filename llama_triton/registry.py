@@ -186,10 +186,14 @@ def _quant_flops(shape):
     return 2 * shape["M"] * shape["N"] * shape["K"] if shape["M"] > 16 else 0
 
 
-def _quant_config(shape, dtype):
-    from .kernels.quant_gemm import chosen_config
+def _quant_config(bits, sym):
+    def f(shape, dtype):
+        """The config the autotuner chose for this shape's key (race-free lookup; "" before the first call)."""
+        from .kernels.quant_gemm import chosen_config
 
-    return chosen_config(shape["M"], shape["K"], shape["group"] if shape["group"] != -1 else shape["K"])
+        K = shape["K"]
+        return chosen_config(shape["M"], shape["N"], K, bits, shape["group"] if shape["group"] != -1 else K, not sym)
+    return f
 
 
 def _qshape(M, K, N, group):
@@ -214,8 +218,8 @@ for _bits, _sym, _group in ((4, False, 128), (8, True, -1)):
         test_shapes=[_qshape(m, 256, 96, 64 if _group != -1 else -1) for m in (1, 3, 16, 17, 128)],
         bench_shapes=[_qshape(m, k, n, _group) for (k, n) in _QUANT_BENCH_KN for m in (1, 16, 1024)],
         description=(f"W{_bits}A16 " + ("group-wise g128 with zero points" if _group != -1 else "per-channel symmetric")
-                     + " weight-only quantized matmul (decode split-K / prefill tiled)"),
-        config=_quant_config,
+                     + " weight-only quantized matmul (GEMV / decode mma, split-K in the launch / prefill tiled)"),
+        config=_quant_config(_bits, _sym),
     ))
 
 
