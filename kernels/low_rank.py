@@ -101,7 +101,7 @@ def _configs() -> list:
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_R": br, "GROUP_M": 8},
                              num_warps=warps, num_stages=stages)
 
-    decode = [cfg(16, 64, 128, 32, 4, 3), cfg(16, 128, 128, 32, 4, 3), cfg(16, 128, 256, 16, 4, 3),
+    decode = [cfg(16, 64, 128, 32, 4, 3), cfg(16, 128, 128, 32, 4, 3), cfg(16, 32, 64, 32, 4, 4),
               cfg(16, 256, 128, 32, 8, 3), cfg(16, 64, 256, 64, 4, 2), cfg(16, 32, 128, 64, 4, 3)]
     prefill = [cfg(64, 128, 64, 64, 4, 3), cfg(128, 128, 64, 64, 8, 3), cfg(128, 64, 64, 32, 4, 3),
                cfg(64, 64, 64, 32, 4, 4)]
