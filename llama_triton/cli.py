@@ -181,6 +181,17 @@ def cmd_compress(args) -> int:
         raise UserError(str(e).splitlines()[0]) from e
 
 
+def cmd_train(args) -> int:
+    """llama_triton.train: one line and exit 2 for a missing file, an empty corpus, a bad length."""
+    _select_runtime()                         # before anything imports triton
+    from . import train
+
+    try:
+        return train.run_cli(args)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e).splitlines()[0]) from e
+
+
 def _model_args(p, preset: bool = False) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="HF-format model directory (config.json + safetensors)")
@@ -245,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=-1, help="quantization group size (-1: per channel)")
     c.add_argument("--out", required=True, help="output directory")
     c.set_defaults(func=cmd_compress)
+    t = sub.add_parser("train", help="train a model: packed data, AdamW, checkpoints, held-out perplexity")
+    from .train import add_arguments as train_arguments   # torch only (no triton)
+
+    train_arguments(t)
+    t.set_defaults(func=cmd_train)
     return p
 
 
