@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICE
 from llama_triton import compress
 from llama_triton.compress import calibration, low_rank, pruning
 from llama_triton.layers import LowRankLinear, QuantLinear
