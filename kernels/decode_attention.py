@@ -59,7 +59,7 @@ def _rotate(X, offs_row, offs_d, mask, COS, SIN, pos, stride_cos, HALF: tl.const
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, SEQLENS, O, LSE, K_NEW, V_NEW, COS, SIN,   # pointers (K_NEW..SIN: APPEND / ROTARY only)
+    Q, K, V, SEQLENS, O, LSE, K_NEW, V_NEW, COS, SIN, LEFTPAD,  # pointers (K_NEW..LEFTPAD: when enabled)
     q_len, group, m_tiles, max_seqlen, window_left,     # sizes (runtime: no recompiles)
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
@@ -70,12 +70,14 @@ def _decode_split_kernel(
     stride_knb, stride_knt, stride_knh,                 # K_NEW (b, q_len, h_kv, d), d contiguous
     stride_vnb, stride_vnt, stride_vnh,                 # V_NEW likewise
     stride_cos,                                         # COS/SIN (n, d) tables, d contiguous
+    stride_lp,                                          # LEFTPAD (b,)
     qk_scale,                                           # softmax_scale * log2(e)
     HEAD_DIM: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     IEEE_DOT: tl.constexpr,                             # fp32 inputs: exact fp32 dots, not tf32
     APPEND: tl.constexpr,                               # write K_NEW/V_NEW at SEQLENS (lengths before) first
     ROTARY: tl.constexpr,                               # rotate q and the new k (HF rotate_half convention)
+    HAS_LEFTPAD: tl.constexpr,                          # keys [0, LEFTPAD[b]) are padding (left-padded batch)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -105,6 +107,10 @@ def _decode_split_kernel(
     if HAS_WINDOW:
         kv_lo = tl.maximum(seqlen - q_len - window_left, 0)
         kv_lo = (kv_lo // BLOCK_N) * BLOCK_N                              # block-aligned loads
+    if HAS_LEFTPAD:
+        first_key = tl.load(LEFTPAD + b * stride_lp).to(tl.int32)
+        first_key = tl.minimum(tl.maximum(first_key, 0), seqlen)
+        kv_lo = tl.maximum(kv_lo, (first_key // BLOCK_N) * BLOCK_N)
     chunk = tl.cdiv(tl.cdiv(seqlen - kv_lo, num_splits), BLOCK_N) * BLOCK_N
     lo = kv_lo + split * chunk
     hi = tl.minimum(lo + chunk, seqlen)
@@ -159,6 +165,8 @@ def _decode_split_kernel(
         valid = n_mask[None, :] & (cols[None, :] <= pos[:, None])
         if HAS_WINDOW:
             valid = valid & (cols[None, :] >= pos[:, None] - window_left)
+        if HAS_LEFTPAD:
+            valid = valid & (cols[None, :] >= first_key)
         qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)             # fully masked row so far
@@ -332,7 +340,8 @@ def check_append_inputs(q, k_cache, k, v, cache_seqlens, rotary_cos=None, rotary
 
 
 def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, window_size=(-1, -1),
-                         num_splits: int | None = None, k=None, v=None, rotary_cos=None, rotary_sin=None):
+                         num_splits: int | None = None, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                         cache_leftpad=None):
     """q (b, q_len, h, d); k_cache/v_cache (b, max_seqlen, h_kv, d) any strides; cache_seqlens int32 (b,)
     -> out (b, q_len, h, d) contiguous in q's dtype, lse (b, h, q_len) fp32 (-inf for empty rows).
 
@@ -342,9 +351,15 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None,
     (in place, in the cache's dtype) and attends over ``cache_seqlens[i] + q_len`` entries; cache_seqlens
     is not changed. ``rotary_cos``/``rotary_sin`` ``(n >= max_seqlen, d)`` tables (``layers.RotaryEmbedding
     .table``): q and the new k are rotated at their positions (HF ``rotate_half``, fp32 math, one rounding)
-    in the same launch.
+    in the same launch. ``cache_leftpad`` int32 ``(b,)`` (flash-attn's): sequence i's keys start at that
+    index (a left-padded batch in a dense cache: the slots before it are never attended to).
     """
     check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size)
+    if cache_leftpad is not None:
+        check_tensor("cache_leftpad", cache_leftpad, (torch.int32,), ndim=1)
+        check_same_device(q=q, cache_leftpad=cache_leftpad)
+        if cache_leftpad.shape[0] != q.shape[0]:
+            raise ValueError(f"cache_leftpad has shape {tuple(cache_leftpad.shape)}; it must be (batch,)")
     b, q_len, h, d = q.shape
     max_seqlen, h_kv = k_cache.shape[1], k_cache.shape[2]
     append = k is not None or v is not None
@@ -386,17 +401,19 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=None,
         lse_part = torch.empty((b, num_splits, q_len, h), dtype=torch.float32, device=q.device)
     kn, vn = (k, v) if append else (q, q)                 # placeholders when not appending (never read)
     cos, sin = (rotary_cos, rotary_sin) if rotary else (q, q)
+    leftpad = cache_leftpad if cache_leftpad is not None else cache_seqlens
     _decode_split_kernel[(b, h_kv * m_tiles, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, o_part, lse_part, kn, vn, cos, sin,
+        q, k_cache, v_cache, cache_seqlens, o_part, lse_part, kn, vn, cos, sin, leftpad,
         q_len, group, m_tiles, max_seqlen, max(window_left, 0),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), cache_seqlens.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
         kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
-        cos.stride(0) if rotary else 0,
+        cos.stride(0) if rotary else 0, leftpad.stride(0),
         scale * math.log2(math.e),
         HEAD_DIM=d, HAS_WINDOW=window_left >= 0,
-        IEEE_DOT=q.dtype == torch.float32, APPEND=append, ROTARY=rotary, BLOCK_T=MAX_Q_LEN,
+        IEEE_DOT=q.dtype == torch.float32, APPEND=append, ROTARY=rotary, HAS_LEFTPAD=cache_leftpad is not None,
+        BLOCK_T=MAX_Q_LEN,
         **cfg,
     )
     if direct:

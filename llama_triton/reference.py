@@ -102,19 +102,21 @@ def attention(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -1), cu
     return (out, lse) if return_lse else out
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, window_size=(-1, -1)):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, window_size=(-1, -1), cache_leftpad=None):
     """Attention of a few new queries over a KV cache (flash-attn's flash_attn_with_kvcache semantics).
 
     q (b, q_len, h, d); k_cache/v_cache (b, max_seqlen, h_kv, d); cache_seqlens int32 (b,): sequence i's
     cache holds cache_seqlens[i] valid entries, the last q_len of which are the new tokens' own keys. Query t
     (0-based) of sequence i attends causally to keys [0, cache_seqlens[i] - q_len + t] (bottom-right
-    alignment), within the window if one is given. -> out (b, q_len, h, d) in q's dtype.
+    alignment), within the window if one is given; cache_leftpad (b,): keys before that slot are padding.
+    -> out (b, q_len, h, d) in q's dtype.
     """
     outs = []
     for i in range(q.shape[0]):
         n = int(cache_seqlens[i])
-        outs.append(_attention_dense(q[i:i + 1], k_cache[i:i + 1, :n], v_cache[i:i + 1, :n], True, softmax_scale,
-                                     window_size)[0])
+        lo = min(max(int(cache_leftpad[i]), 0), n) if cache_leftpad is not None else 0
+        outs.append(_attention_dense(q[i:i + 1], k_cache[i:i + 1, lo:n], v_cache[i:i + 1, lo:n], True,
+                                     softmax_scale, window_size)[0])
     return torch.cat(outs, 0)
 
 

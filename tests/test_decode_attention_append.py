@@ -80,3 +80,16 @@ def test_bad_input():
         decode_attention_with_kvcache(q, kc, vc, k, v.half(), s)
     with pytest.raises(ValueError, match="q_len"):
         decode_attention_with_kvcache(q, kc, vc, k, v, torch.tensor([3, 20], dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_cache_leftpad(num_splits):
+    """flash-attn's cache_leftpad: the first leftpad[i] slots of row i are padding (a left-padded batch)."""
+    q, kc, vc, _, _, s = _inputs(3, 2, 4, 2, 16, 70, [70, 40, 5], torch.float32)
+    pad = torch.tensor([0, 37, 5], dtype=torch.int32, device=DEVICE)             # row 2: all padding
+    out = decode_attention(q, kc, vc, s, num_splits=num_splits, cache_leftpad=pad)
+    ref = reference.decode_attention(q, kc, vc, s, cache_leftpad=pad)
+    hi = reference.decode_attention(*testing.to_oracle((q, kc, vc)), s, cache_leftpad=pad)
+    testing.assert_close("out", out, ref, hi)
+    torch.testing.assert_close(out[1:2], reference.decode_attention(q[1:2], kc[1:2, 37:], vc[1:2, 37:], s[1:2] - 37))
+    assert (out[2] == 0).all()

@@ -18,14 +18,14 @@ from ..kernels import decode_attention as K
 # ------------------------------------------------------------------------------------------ custom op
 @torch.library.custom_op("llama_triton::decode_attention", mutates_args=())
 def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, softmax_scale: float,
-                      window_left: int, num_splits: Optional[int]) -> Tensor:
+                      window_left: int, num_splits: Optional[int], cache_leftpad: Optional[Tensor] = None) -> Tensor:
     out, _ = K.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale, (window_left, -1),
-                                    num_splits=num_splits)
+                                    num_splits=num_splits, cache_leftpad=cache_leftpad)
     return out
 
 
 @_decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_left, num_splits):
+def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_left, num_splits, cache_leftpad=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous (b, q_len, h, d)
 
 
@@ -47,7 +47,7 @@ def _(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, softmax_
 @backend.public_op(like={"q": "k_cache"})
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                      softmax_scale: Optional[float] = None, window_size=(-1, -1),
-                     num_splits: Optional[int] = None) -> Tensor:
+                     num_splits: Optional[int] = None, cache_leftpad: Optional[Tensor] = None) -> Tensor:
     """Attention of a few new queries over a KV cache (flash-attn ``flash_attn_with_kvcache`` semantics,
     exactly ``llama_triton.reference.decode_attention``).
 
@@ -62,6 +62,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
         softmax_scale: defaults to ``head_dim ** -0.5``.
         window_size: ``(left, right)``, -1 unbounded; only ``left`` matters (attention is causal).
         num_splits: force the number of split-K chunks (testing); default from shapes and the device.
+        cache_leftpad: optional int32 ``(batch,)``: sequence i's keys start at that slot (flash-attn's
+            ``cache_leftpad``: a left-padded batch in a dense cache, e.g. transformers' DynamicCache).
 
     Returns:
         ``(batch, q_len, heads, head_dim)`` in q's dtype. A query with no key to attend to gets 0.
@@ -74,9 +76,11 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     if not torch.compiler.is_compiling():
         K.check_seqlens_values(cache_seqlens, k_cache.shape[1])
     if not backend.use_triton(q):
-        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, tuple(window_size))
+        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, tuple(window_size),
+                                          cache_leftpad=cache_leftpad)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _decode_attention(q, k_cache, v_cache, cache_seqlens, scale, int(window_size[0]), num_splits)
+    return _decode_attention(q, k_cache, v_cache, cache_seqlens, scale, int(window_size[0]), num_splits,
+                             cache_leftpad)
 
 
 @backend.public_op(like={"q": "k_cache", "k": "k_cache", "v": "v_cache"})
