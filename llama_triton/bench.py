@@ -3,7 +3,9 @@
 Every row: ``triton.testing.do_bench`` median milliseconds of each implementation, the achieved GB/s
 (memory-bound ops) or TFLOP/s (compute-bound ops) of ours from the OpSpec's byte/FLOP model, and the
 percent of a roofline measured in the same run: device copy bandwidth (a large ``copy_``) or a large bf16
-``torch.mm``. Results go to ``benchmarks/results/<gpu-name>/ops.{json,md,png}``.
+``torch.mm``. Results go to ``benchmarks/results/<gpu-name>/ops.{json,md,png}``. Each JSON row also records,
+under ``inspect``, the compiler's static facts (llama_triton.inspect, arch "local") for every kernel of the
+op at the config its autotuner chose in the run: registers, spills, shared memory, dot lowering, widths.
 
 On a machine without CUDA the interpreter's timings mean nothing: the runner says so, runs each op once
 on its smallest test shape as a smoke test, writes no result files, and returns 0.
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import registry, testing
+from .inspect import chosen_facts
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
@@ -84,6 +87,10 @@ def bench_spec(spec, shape, dtype, copy_gbps, mm_tflops) -> list[dict]:
         }
         row["pct_roofline"] = 100 * (row["tflops"] / mm_tflops if flops else row["gbps"] / copy_gbps)
         rows.append(row)
+    # the compiler's facts (registers, spills, smem, dot lowering, load widths) for the configs chosen above
+    facts = chosen_facts(spec.name, shape, str(dtype).replace("torch.", ""))
+    for row in rows:
+        row["inspect"] = [f for f in facts if f.get("mode", row["mode"]) == row["mode"]]
     return rows
 
 

@@ -70,6 +70,17 @@ def cmd_bench(args) -> int:
     return bench.run(op=args.op, out_dir=args.out)
 
 
+def cmd_inspect(args) -> int:
+    """Static compiler facts per kernel and config for a target GPU (no GPU needed): llama_triton.inspect.
+    Compiles real kernels, so it does not switch on the interpreter (under TRITON_INTERPRET=1 it uses a
+    fresh process)."""
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    from .inspect import main
+
+    return main(op=args.op, shape=args.shape, dtype=args.dtype, arch=args.arch, json_path=args.json,
+                backward=not args.no_backward)
+
+
 # ---------------------------------------------------------------- model commands: demo, generate, eval, profile
 def cmd_demo(args) -> int:
     """The main job: the embedded tiny model through the Triton kernels, parity table, generation."""
@@ -212,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--op", help="only this registry op")
     b.add_argument("--out", help="output directory (default benchmarks/results/<gpu>)")
     b.set_defaults(func=cmd_bench)
+    i = sub.add_parser("inspect", help="what the compiler made of each kernel for sm_90/sm_80 (static, no GPU)")
+    i.add_argument("--op", help="only this registry op")
+    i.add_argument("--shape", default="model", help="model (default: Llama-3-8B dims, few tokens) | bench | all | "
+                   "test | k=v,... (with --op)")
+    i.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) | float16 | float32")
+    i.add_argument("--arch", default="sm_90", help="sm_90 (H100, default) | sm_80 (A100) | local (this GPU)")
+    i.add_argument("--json", help="also write the rows and estimates to this JSON file")
+    i.add_argument("--no-backward", action="store_true", help="forward kernels only")
+    i.set_defaults(func=cmd_inspect)
     d = sub.add_parser("demo", help="the main job: tiny model through the kernels, parity table, generation")
     d.add_argument("--prompt", default="Once upon a time")
     d.add_argument("--max-new-tokens", type=int, default=24)

@@ -13,13 +13,15 @@ Inspect one registry op (from pytest too: with TRITON_INTERPRET set, a fresh pro
     for r in rows:                       # one KernelRow per kernel, autotune config and fwd/bwd
         print(r.mode, r.kernel, r.config, r.num_warps, r.num_stages)
         print(r.registers, r.spill_stores, r.spill_loads)          # ptxas: 0/0 = no spills
-        print(r.dot, r.dot_instr, r.tma, r.cp_async_depth)         # "wgmma", "wgmma.m64n64k16.f32.bf16.bf16", False, 2
+        print(r.dot, r.dot_instr, r.tma, r.cp_async_depth)         # "wgmma", "wgmma.m64n64k16.f32.bf16.bf16", False, 3
         print(r.load_bits_min, r.load_bits_max, r.store_bits_max)  # 128 = 16-byte vector accesses
         print(r.shared, r.fits_shared, r.warps_per_sm, r.occupancy_limit, r.ctas, r.waves)
     spilling = [r for r in rows if r.spills]
 
-`shape`: "bench" (the op's smallest benchmark shape), "model" (Llama-3-8B dims at a few tokens, cheap on a
-CPU), "all" (every benchmark shape), "test", a dict, or "rows=16,hidden=4096". `configs`: "all" (every
+`shape`: "model" (default: Llama-3-8B dimensions at a few tokens, so the kernels and configs of a real model
+but inputs a CPU builds in seconds; MODEL_SHAPES), "bench" (the op's smallest benchmark shape), "all" (every
+benchmark shape: big, and the torch matmuls around some kernels really run), "test", a dict, or
+"rows=16,hidden=4096". `configs`: "all" (every
 autotune config the early prune leaves), "first", "chosen" (what the autotuner picked on this GPU).
 
 Your own kernel or launcher, at the arguments you choose (source run as a file in a fresh process):
@@ -40,10 +42,10 @@ Command line: `llama-triton inspect [--op NAME] [--shape PRESET] [--dtype D] [--
 """
 from .capture import Capture, KernelRow, capture
 from .facts import ptx_facts, ptxas_facts, sass_facts
-from .report import (MODEL_SHAPES, SHAPE_PRESETS, Estimate, estimates, format_table, inspect_code, inspect_ops,
+from .report import (MODEL_SHAPES, SHAPE_PRESETS, Estimate, chosen_facts, estimates, format_table, inspect_code, inspect_ops,
                      main, resolve_shapes, to_json)
 from .targets import ARCHS, TARGETS, Target, get_target, occupancy
 
 __all__ = ["ARCHS", "Capture", "Estimate", "KernelRow", "MODEL_SHAPES", "SHAPE_PRESETS", "TARGETS", "Target",
-           "capture", "estimates", "format_table", "get_target", "inspect_code", "inspect_ops", "main", "occupancy",
+           "capture", "chosen_facts", "estimates", "format_table", "get_target", "inspect_code", "inspect_ops", "main", "occupancy",
            "ptx_facts", "ptxas_facts", "resolve_shapes", "sass_facts", "to_json"]

@@ -40,7 +40,7 @@ class KernelRow:
     dot: str                         # how tl.dot lowered: wgmma | mma.sync | fma | none ("+" when mixed)
     tma: bool                        # TMA loads/stores (cp.async.bulk.tensor / UTMALDG)
     cp_async: bool                   # cp.async global->shared copies
-    cp_async_depth: int              # largest N in cp.async.wait_group N: copy groups in flight (0: none)
+    cp_async_depth: int              # pipeline depth: shared-memory buffers the copies rotate through (0: no cp.async)
     load_bits_max: int               # widest / narrowest global load (ld.global, cp.async), bits; 0: none
     load_bits_min: int
     store_bits_max: int              # widest / narrowest global store, bits; 0: none
@@ -60,6 +60,7 @@ class KernelRow:
     chosen: bool | None = None       # configs="chosen": True for the autotuner's pick; None: not known
     stack: int = 0                   # stack frame bytes (ptxas)
     dot_instr: str = ""              # the MMA instructions, e.g. wgmma.m64n128k16.f32.bf16.bf16
+    smem_buffers: str = ""           # multi-buffered shared tiles (TTGIR), e.g. "3x128x64xbf16,3x64x128xbf16"
     constexprs: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     hash: str = ""
@@ -158,7 +159,8 @@ class Capture:
         grid = grid[:3]
         ctas = grid[0] * grid[1] * grid[2]
         per_sm, limit = occupancy(t, facts["registers"], facts["shared"], facts["num_warps"])
-        config, chosen = self._autotune[-1] if self._autotune else (None, None)
+        # not autotuned: in "chosen" mode its one config is what runs
+        config, chosen = self._autotune[-1] if self._autotune else (None, True if self.configs == "chosen" else None)
         if config is not None:
             desc = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
         else:
@@ -176,7 +178,7 @@ class Capture:
             waves=round(ctas / (per_sm * t.sms), 3) if per_sm else 0.0,
             op=self.context.get("op", ""), shape=self.context.get("shape", ""), dtype=self.context.get("dtype", ""),
             mode=self.context.get("mode", ""), autotuned=config is not None, chosen=chosen, stack=facts["stack"],
-            dot_instr=facts["dot_instr"], constexprs={k: v if isinstance(v, (int, float, bool, str)) or v is None
+            dot_instr=facts["dot_instr"], smem_buffers=facts["smem_buffers"], constexprs={k: v if isinstance(v, (int, float, bool, str)) or v is None
                                                       else str(v) for k, v in constexprs.items()},
             options=dict(options), hash=facts["hash"])
 

@@ -2,9 +2,9 @@
 
 Sources, all produced on a CPU machine by Triton's own tool chain:
   * ptxas -v (Triton's bundled ptxas): registers/thread, spill store/load bytes, stack frame;
-  * the PTX: how `tl.dot` lowered (wgmma / mma.sync), TMA (cp.async.bulk.tensor), cp.async and its
-    pipelining depth (the largest N in cp.async.wait_group N), global load/store widths (ld/st.global
-    vector widths, cp.async copy sizes);
+  * the PTX: how `tl.dot` lowered (wgmma / mma.sync), TMA (cp.async.bulk.tensor), cp.async, global
+    load/store widths (ld/st.global vector widths, cp.async copy sizes); the TTGIR: the pipeline depth
+    (buffers of the multi-buffered shared-memory tiles);
   * the SASS (Triton's bundled cuobjdump, when present and asked for): LDG/STG/LDGSTS widths.
 Kernel metadata gives shared memory, num_warps and num_stages.
 
@@ -23,13 +23,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-FACTS_VERSION = 2  # bump when a parser changes: old sidecar files are then ignored
+FACTS_VERSION = 3  # bump when a parser changes: old sidecar files are then ignored
 
 _VEC = re.compile(r"^v(\d)$")
 _BITS = re.compile(r"^[bsuf](8|16|32|64|128)$")
 _LDST = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)+)")
-_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(\d+)")
-_WAIT_GROUP = re.compile(r"\bcp\.async\.wait_group\s+(\d+)")
+_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
+_BUFFERS = re.compile(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<((\d+)x\d+x\d+x[^,>]+)")
 _WGMMA = re.compile(r"\bwgmma\.mma_async\S*\.(m\d+n\d+k\d+)\.(\w+)\.(\w+)")
 _MMA = re.compile(r"\bmma\.sync\S*\.(m\d+n\d+k\d+)")
 
@@ -50,15 +50,17 @@ def _histogram(widths) -> dict:
     return {str(w): widths.count(w) for w in sorted(set(widths), reverse=True)}
 
 
-def ptx_facts(ptx: str, ttir: str = "") -> dict:
-    """Facts read from a kernel's PTX (and TTIR: a `tt.dot` with no MMA instruction lowered to FMAs)."""
+def ptx_facts(ptx: str, ttir: str = "", ttgir: str = "") -> dict:
+    """Facts read from a kernel's PTX, TTIR (a `tt.dot` with no MMA instruction lowered to FMAs) and TTGIR
+    (the multi-buffered shared-memory tiles that cp.async/TMA copies rotate through: `3x128x64xbf16` is a
+    3-deep pipeline, 2 tiles in flight while one is computed on)."""
     loads, stores = [], []
     for kind, mods in _LDST.findall(ptx):
         w = _width(mods)
         if w:
             (loads if kind == "ld" else stores).append(w)
-    cp_sizes = [8 * int(n) for n in _CP_ASYNC.findall(ptx)]
-    waits = [int(n) for n in _WAIT_GROUP.findall(ptx)]
+    cp_sizes = [8 * int(n, 0) for n in _CP_ASYNC.findall(ptx)]
+    buffers = _BUFFERS.findall(ttgir)
     dots = []
     if _WGMMA.search(ptx):
         dots.append("wgmma")
@@ -74,7 +76,8 @@ def ptx_facts(ptx: str, ttir: str = "") -> dict:
         "dot_instr": ",".join(instr),
         "tma": "cp.async.bulk.tensor" in ptx,
         "cp_async": bool(cp_sizes),
-        "cp_async_depth": max(waits) if cp_sizes and waits else 0,
+        "cp_async_depth": max((int(n) for _, n in buffers), default=1) if cp_sizes else 0,
+        "smem_buffers": ",".join(b for b, _ in buffers),
         "load_bits_max": max(all_loads, default=0), "load_bits_min": min(all_loads, default=0),
         "store_bits_max": max(stores, default=0), "store_bits_min": min(stores, default=0),
     }
@@ -225,7 +228,7 @@ def compile_and_read(jit_fn, signature: dict, constexprs: dict, attrs: dict, opt
         side["ptxas"] = ptxas_facts(text if _REGS.search(text) else run_ptxas(kernel.asm["ptx"], capability))
         _store_sidecar(md.hash, side)
     facts = {"name": md.name, "hash": md.hash, "shared": md.shared, "num_warps": md.num_warps,
-             "num_stages": md.num_stages, **side["ptxas"], **ptx_facts(kernel.asm["ptx"], kernel.asm.get("ttir", "")),
+             "num_stages": md.num_stages, **side["ptxas"], **ptx_facts(kernel.asm["ptx"], kernel.asm.get("ttir", ""), kernel.asm.get("ttgir", "")),
              "widths_from": "ptx"}
     if sass:
         if "sass" not in side:

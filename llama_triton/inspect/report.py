@@ -30,6 +30,13 @@ MODEL_SHAPES = {
     "cross_entropy": [{"rows": 16, "vocab": 128256}],
     # the CE kernel sees (tokens, vocab) logits chunks; hidden only enters the torch matmuls around it
     "fused_linear_cross_entropy": [{"tokens": 64, "hidden": 256, "vocab": 128256}],
+    "fused_linear_cross_entropy_options": [{"tokens": 64, "hidden": 256, "vocab": 128256}],
+    "rms_norm_gemma": [{"rows": 16, "hidden": 4096}],
+    "decode_attention": [{"batch": 1, "q_len": 1, "heads": 32, "heads_kv": 8, "head_dim": 128, "max_seqlen": 1024,
+                          "seqlen": 1024}],
+    "low_rank_matmul": [{"M": 1, "K": 4096, "N": 4096, "rank": 256}, {"M": 256, "K": 4096, "N": 4096, "rank": 256}],
+    # Mixtral's hidden size with a narrower expert (inter 1024, 4 experts): 8 x 14336 experts are 1.4G weights
+    "moe_experts": [{"tokens": 64, "hidden": 4096, "experts": 4, "inter": 1024, "top_k": 2}],
     "rms_norm_matmul": [{"rows": 1, "hidden": 4096, "out": 6144}, {"rows": 256, "hidden": 4096, "out": 6144}],
     "add_rms_norm_matmul": [{"rows": 1, "hidden": 4096, "out": 6144}, {"rows": 256, "hidden": 4096, "out": 6144}],
     "quant_matmul_w4": [{"M": 1, "K": 4096, "N": 4096, "group": 128}, {"M": 256, "K": 4096, "N": 4096, "group": 128}],
@@ -71,9 +78,10 @@ def parse_shape(text: str) -> dict:
     return shape
 
 
-def resolve_shapes(spec, shape="bench") -> list[dict]:
-    """The shapes to inspect `spec` at: a preset name ("bench": its smallest benchmark shape; "model":
-    MODEL_SHAPES; "all": every benchmark shape; "test": its largest test shape), a dict, or 'k=v,...'."""
+def resolve_shapes(spec, shape="model") -> list[dict]:
+    """The shapes to inspect `spec` at: a preset name ("model": MODEL_SHAPES, else like "bench"; "bench": its
+    smallest benchmark shape; "all": every benchmark shape; "test": its largest test shape), a dict, or
+    'k=v,...'."""
     if isinstance(shape, dict):
         shapes = [shape]
     elif shape == "all":
@@ -117,7 +125,7 @@ def _specs(ops):
     return [registry.get(n) for n in names]
 
 
-def estimates(ops=None, shape="bench", dtype: str = "bfloat16", arch: str = "sm_90", backward: bool = True) -> list[Estimate]:
+def estimates(ops=None, shape="model", dtype: str = "bfloat16", arch: str = "sm_90", backward: bool = True) -> list[Estimate]:
     """Roofline estimates (see Estimate) of each op call at each shape: fwd, and bwd for ops with gradients
     (the backward's FLOPs are 2.5x the forward's, as in llama_triton.bench)."""
     target, torch_dtype, out = get_target(arch), _torch_dtype(dtype), []
@@ -157,7 +165,7 @@ def _run_isolated(request: dict) -> list[KernelRow]:
             return [KernelRow.from_dict(d) for d in json.load(f)]
 
 
-def inspect_ops(ops=None, shape="bench", dtype: str = "bfloat16", arch: str = "sm_90", backward: bool = True,
+def inspect_ops(ops=None, shape="model", dtype: str = "bfloat16", arch: str = "sm_90", backward: bool = True,
                 configs: str = "all", sass: bool = False, progress=None) -> list[KernelRow]:
     """KernelRows of every kernel the registry ops `ops` (a name, a list, None: all) launch at `shape`
     (see resolve_shapes), forward and (with `backward`) backward, compiled for `arch`. `configs`: "all"
@@ -193,6 +201,22 @@ def inspect_ops(ops=None, shape="bench", dtype: str = "bfloat16", arch: str = "s
                                         [torch.ones_like(o) for o in outs], allow_unused=True)
                 del args, outs
     return cap.rows
+
+
+_BENCH_FIELDS = ("mode", "kernel", "config", "num_warps", "num_stages", "registers", "spill_stores", "spill_loads",
+                 "shared", "warps_per_sm", "occupancy_limit", "dot", "tma", "cp_async_depth", "load_bits_min",
+                 "load_bits_max", "store_bits_min", "store_bits_max", "grid", "waves", "chosen")
+
+
+def chosen_facts(op: str, shape: dict, dtype: str = "bfloat16") -> list[dict]:
+    """For llama_triton.bench on a GPU, after an op was timed: the static facts (arch "local") of each kernel
+    it launches at `shape`, at the config its autotuner chose in this run (`chosen` False/None where the
+    autotuner has no choice on record). A failure becomes [{"error": ...}] so a benchmark never dies here."""
+    try:
+        rows = inspect_ops(op, shape=shape, dtype=dtype, arch="local", configs="chosen")
+    except Exception as e:  # the benchmark's timings matter more than these facts
+        return [{"error": f"{type(e).__name__}: {e}"}]
+    return [{k: getattr(r, k) for k in _BENCH_FIELDS} for r in rows]
 
 
 def inspect_code(code: str, arch: str = "sm_90", configs: str = "all", sass: bool = False) -> list[KernelRow]:
@@ -257,7 +281,7 @@ def format_table(rows: list[KernelRow], ests: list[Estimate] = ()) -> str:
             lines.append("  " + " ".join(f"{c:<{w}s}" if i < 3 else f"{c:>{w}s}"
                                          for i, (c, (_, w, _)) in enumerate(zip(cells, _COLUMNS))))
     lines.append("static facts from the compiler for the target (no GPU involved); 'smem !': over the "
-                 "per-CTA limit; occ: resident warps/SM and what limits them; cp.async: copy groups in flight; "
+                 "per-CTA limit; occ: resident warps/SM and what limits them; cp.async: pipeline depth (shared buffers); "
                  "roofline: an estimate from datasheet peaks, not a measurement")
     return "\n".join(lines)
 
@@ -269,7 +293,7 @@ def to_json(rows: list[KernelRow], ests: list[Estimate] = (), **extra) -> dict:
             "rows": [asdict(r) for r in rows], "estimates": [asdict(e) for e in ests]}
 
 
-def main(op=None, shape="bench", dtype="bfloat16", arch="sm_90", json_path=None, backward=True, sass=None) -> int:
+def main(op=None, shape="model", dtype="bfloat16", arch="sm_90", json_path=None, backward=True, sass=None) -> int:
     """`llama-triton inspect`: the table on stdout, optionally JSON; argument errors: one line, exit 2."""
     prog = "llama-triton inspect"
     try:
