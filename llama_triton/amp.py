@@ -7,7 +7,8 @@ then runs with autocast disabled, exactly as it runs on tensors of those dtypes 
 
 * ``"lower"``: every floating-point tensor argument (fp64 excepted, as autocast does) is cast to the
   autocast dtype, like ``torch.mm``/``F.linear`` (matmul ops: flash_attention, rms_norm_matmul,
-  fused_linear_cross_entropy).
+  fused_linear_cross_entropy), except those named in ``keep=(names)`` (FLCE's class weights ``ce_weight``:
+  loss weights, not matmul operands).
 * ``promote=(names)``: those arguments are cast to the widest floating dtype among them, like torch's
   elementwise ops (rms_norm's x/residual, swiglu's gate/up, rope's q/k); others stay as given.
 * ``like={"q": "k_cache"}``: q is cast to k_cache's dtype (decode_attention: a KV cache is never copied;
@@ -43,17 +44,17 @@ def _castable(t) -> bool:
 
 def cast_arguments(bound, rule, device_type: str) -> None:
     """Cast the arguments of `bound` (inspect.BoundArguments) in place by `rule` (see the module docstring):
-    ``"lower"``, ``"keep"``, ``("promote", names)`` or ``("like", {name: other})``."""
+    ``"lower"``, ``("lower", kept names)``, ``"keep"``, ``("promote", names)`` or ``("like", {name: other})``."""
     args = bound.arguments
     if args.get("inplace") is True or rule == "keep":
         return
-    if rule == "lower":
+    kind, spec = rule if isinstance(rule, tuple) else (rule, ())
+    if kind == "lower":
         dtype = torch.get_autocast_dtype(device_type)
         for name, value in args.items():
-            if _castable(value):
+            if _castable(value) and name not in spec:
                 args[name] = value.to(dtype)
         return
-    kind, spec = rule
     if kind == "promote":
         present = [args[n] for n in spec if _castable(args.get(n))]
         if not present:

@@ -69,11 +69,12 @@ def device_guard(tensor):
     return torch.cuda.device(tensor.device)
 
 
-def public_op(autocast: str = "keep", promote=None, like=None):
+def public_op(autocast: str = "keep", promote=None, like=None, keep=()):
     """Decorator for every public op: the device guard (on the first argument's device) and the op's
-    torch.autocast rule (llama_triton.amp): ``autocast="lower"`` or ``"keep"``, ``promote=(names)``,
-    ``like={name: other}``. Outside autocast the op runs unchanged."""
-    rule = ("promote", tuple(promote)) if promote else ("like", dict(like)) if like else autocast
+    torch.autocast rule (llama_triton.amp): ``autocast="lower"`` (but not the arguments named in ``keep``)
+    or ``"keep"``, ``promote=(names)``, ``like={name: other}``. Outside autocast the op runs unchanged."""
+    rule = (("promote", tuple(promote)) if promote else ("like", dict(like)) if like
+            else ("lower", tuple(keep)) if autocast == "lower" else autocast)
 
     def deco(fn):
         sig = inspect.signature(fn)

@@ -70,6 +70,11 @@ def _cases():
         "cross_entropy": (llama_triton.cross_entropy, lambda: [_r(4, 10), _labels(4, 10)], {}, keep),
         "fused_linear_cross_entropy": (llama_triton.fused_linear_cross_entropy,
                                        lambda: [_r(8, 16), _r(32, 16), _labels(8, 32)], {}, lower),
+        "fused_linear_cross_entropy[bias, ce_weight]": (
+            llama_triton.fused_linear_cross_entropy,
+            lambda: [_r(8, 16), _r(32, 16), _labels(8, 32), -100, "mean", None, _r(32),
+                     torch.rand(32, generator=torch.Generator().manual_seed(7))],
+            {}, lambda a, dt: _lower(dt)(a[:7]) + [a[7]]),                    # class weights stay fp32
         "rms_norm_matmul": (llama_triton.rms_norm_matmul, lambda: [_r(3, 16), _r(16), _r(8, 16)], {}, lower),
         "moe_experts": (llama_triton.moe_experts, lambda: [_r(3, 16), _r(4, 24, 16), _r(4, 16, 12),
                                                            torch.tensor([[0, 2], [1, 2], [3, 0]]),

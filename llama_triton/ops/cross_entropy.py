@@ -247,7 +247,7 @@ def _flce_backward(ctx, dloss, _ddh, _ddw, _ddb, _dz):
 _flce_fwd.register_autograd(_flce_backward, setup_context=_flce_setup)
 
 
-@backend.public_op("lower")
+@backend.public_op("lower", keep=("ce_weight",))
 def fused_linear_cross_entropy(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, ignore_index: int = -100,
                                reduction: str = "mean", accum_dtype: Optional[torch.dtype] = None,
                                bias: Optional[Tensor] = None, ce_weight: Optional[Tensor] = None,
