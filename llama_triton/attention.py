@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import padding
 from .kernels.decode_attention import MAX_Q_LEN as DECODE_MAX_Q_LEN
 from .ops.decode_attention import decode_attention
 from .ops.flash_attention import flash_attention
@@ -112,7 +113,14 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
     win = window_size(sliding_window, causal)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (b, s, h, d) views
     b, sq, h, d = q.shape
+    # decode steps (<= 16 new tokens, causal, no gradient) read HF's cache in place with decode_attention:
+    # split-K over the keys, K/V read once per kv head, no host sync (lengths from padding.py, per forward)
+    decode = causal and sq <= DECODE_MAX_Q_LEN and not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     if attention_mask is None:
+        if decode:
+            return decode_attention(q, k, v, padding.full_lengths(b, k.shape[1], q.device), softmax_scale=scaling,
+                                    window_size=win), None
         return flash_attention(q, k, v, causal=causal, softmax_scale=scaling, window_size=win), None
     if attention_mask.dim() == 1:   # a StaticCache without padding: (b,) filled slots, the tail never read
         filled = attention_mask.to(device=q.device, dtype=torch.int32)
@@ -132,16 +140,17 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
         mask = mask[:, -sk:]
     n = mask.shape[1]
     k, v = k[:, :n], v[:, :n]       # a StaticCache: only the first n slots are filled
-    q_mask = mask[:, -sq:]          # the queries are the last sq positions
-    idx_k = mask.reshape(-1).nonzero().squeeze(1)
-    idx_q = q_mask.reshape(-1).nonzero().squeeze(1)
-    lens_k, lens_q = mask.sum(1, dtype=torch.int32), q_mask.sum(1, dtype=torch.int32)
-    cu_k = F.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))
-    cu_q = F.pad(lens_q.cumsum(0, dtype=torch.int32), (1, 0))
+    if decode:                      # left padding (what HF generate builds): keys [leftpad, n) of each row
+        left = padding.left_padding(attention_mask, n, q.device)
+        if left is not None:
+            return decode_attention(q, k, v, left[1], softmax_scale=scaling, window_size=win,
+                                    cache_leftpad=left[0]), None
+    # the queries are the last sq positions; unpad indices once per forward (padding.unpad), not per layer
+    idx_k, idx_q, cu_k, cu_q, max_k, max_q = padding.unpad(attention_mask, n, sq, q.device)
     out = flash_attention(
         q.reshape(b * sq, h, d)[idx_q], k.reshape(b * n, -1, d)[idx_k], v.reshape(b * n, -1, d)[idx_k],
         causal=causal, softmax_scale=scaling, window_size=win, cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k, max_seqlen_q=int(lens_q.max()), max_seqlen_k=int(lens_k.max()))
+        cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
     full = q.new_zeros(b * sq, h, d)
     full[idx_q] = out
     return full.view(b, sq, h, d), None
