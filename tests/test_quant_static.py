@@ -104,18 +104,37 @@ for K, N in ((4096, 4096), (4096, 14336)):
                       warps=r.num_warps, regs=r.registers, spill=r.spill_stores + r.spill_loads, smem=r.shared,
                       dot=r.dot, load_widths=r.load_widths, counted=counted, model=model, ideal=ideal,
                       launches=launches[0])))
+w = torch.randn(4096, 4096, dtype=torch.bfloat16)
+qw = quant.quantize_weight(w, 4, 128, False)
+first, launches[0] = len(cap.rows), 0
+cap.context = {"shape": "prefill"}
+QG.quant_matmul(torch.empty(1024, 4096, dtype=torch.bfloat16), qw.qweight, qw.scales, qw.zeros, None, 4, 128)
+for r in cap.rows[first:]:
+    print("PREFILL " + json.dumps(dict(config=r.config, regs=r.registers, spill=r.spill_stores + r.spill_loads,
+                                       dot=r.dot, smem=r.shared, fits=r.fits_shared, launches=launches[0])))
 print("LOWERING OK")
 '''
 
 
 @pytest.fixture(scope="module")
-def rows():
+def compiled():
     if torch.cuda.is_available():
         pytest.skip("compiles for sm_90 on a CPU machine; on a GPU the GPU tests measure")
-    out = lowering_check.run_snippet(_SNIPPET)
-    got = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
-    assert got, out[-3000:]
+    return lowering_check.run_snippet(_SNIPPET)
+
+
+@pytest.fixture(scope="module")
+def rows(compiled):
+    got = [json.loads(line[4:]) for line in compiled.splitlines() if line.startswith("ROW ")]
+    assert got, compiled[-3000:]
     return got
+
+
+def test_prefill_configs_use_wgmma_without_spills(compiled):
+    """The prefill path (M = 1024, 4096 x 4096) at every autotune config: one launch, wgmma, no spills."""
+    got = [json.loads(line[8:]) for line in compiled.splitlines() if line.startswith("PREFILL ")]
+    assert len(got) >= 2 and all(r["launches"] == 1 for r in got)
+    assert all(r["dot"] == "wgmma" and r["spill"] == 0 and r["fits"] for r in got), got
 
 
 def _label(r):
