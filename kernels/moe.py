@@ -354,9 +354,27 @@ def _wgrad_configs() -> list:
             for bn, bk, bs, w, s in ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 3))]
 
 
+SMEM_BUDGET = 200 * 1024     # bytes of pipelined tiles a config may need (an H100/H200 block has 227 KiB)
+
+
+def _prune(b_tiles: int):
+    """Early prune: drop configs whose pipelined tiles (stages x (A tile + b_tiles B tiles)) exceed
+    SMEM_BUDGET for this BLOCK_M and dtype (the smallest config is kept if none fits)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        elt = args["X" if "X" in args else "A"].element_size()
+        bm = args["BLOCK_M"]
+        keep = [c for c in configs if c.num_stages * elt * c.kwargs["BLOCK_K"] * (bm + b_tiles * c.kwargs["BLOCK_N"])
+                <= SMEM_BUDGET]
+        return keep or configs[:1]
+    return prune
+
+
 _KEY = ["S_BUCKET", "N", "K", "BLOCK_M"]
-_gate_up = triton.autotune(configs=_gemm_configs(), key=_KEY)(_moe_gate_up_kernel)
-_gemm = triton.autotune(configs=_gemm_configs(), key=_KEY + ["A_BY_TOKEN", "HAS_WEIGHT", "SWIGLU_BWD"])(_moe_gemm_kernel)
+_gate_up = triton.autotune(configs=_gemm_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune(2)})(
+    _moe_gate_up_kernel)
+_gemm = triton.autotune(configs=_gemm_configs(), key=_KEY + ["A_BY_TOKEN", "HAS_WEIGHT", "SWIGLU_BWD"],
+                        prune_configs_by={"early_config_prune": _prune(1)})(_moe_gemm_kernel)
 _wgrad = triton.autotune(configs=_wgrad_configs(), key=["S_BUCKET", "N", "K", "A_BY_TOKEN", "B_BY_TOKEN"])(
     _moe_weight_grad_kernel)
 

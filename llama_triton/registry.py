@@ -552,9 +552,8 @@ REGISTRY.append(OpSpec(
 def _moe_inputs(shape, dtype, device):
     """x (T, H), gate_up_proj (E, 2I, H), down_proj (E, H, I) in dtype; Mixtral routing of random logits:
     topk_ids (T, top_k) int64, fp32 topk_weights (T, top_k). With shape["skew"], every token's first choice is
-    expert 0 (one overloaded expert, some experts left without tokens)."""
-    from .ops.moe import route
-
+    expert 0 (one overloaded expert, some experts left without tokens). Routed by the torch reference (the
+    inputs of the op under test)."""
     t, h, e, i, k = (shape[n] for n in ("tokens", "hidden", "experts", "inter", "top_k"))
     x = torch.randn(t, h, dtype=dtype, device=device)
     gate_up = (torch.randn(e, 2 * i, h, device=device) * h ** -0.5).to(dtype)
@@ -562,7 +561,7 @@ def _moe_inputs(shape, dtype, device):
     logits = torch.randn(t, e, device=device)
     if shape.get("skew"):
         logits[:, 0] += 20.0
-    weights, ids = route(logits, k)
+    weights, ids = reference.moe_route(logits, k)
     return x, gate_up, down, ids, weights
 
 
@@ -598,9 +597,10 @@ REGISTRY.append(OpSpec(
     flops=lambda s: 6 * s["tokens"] * s["top_k"] * s["hidden"] * s["inter"] if s["tokens"] > 16 else 0,
     bytes=_moe_bytes,
     # 1 token top-1; 7 tokens top-2 of 4; 40 tokens top-2 of 8 with every token on expert 0 (empty experts);
-    # the last has > 16 pairs per expert, so the sm_90 lowering check compiles a BLOCK_M > 16 path too
+    # the last (one expert, the fewest rows with > 256 per expert) makes the sm_90 lowering check (middle and
+    # last shape) compile the decode tiles (BLOCK_M 16) and the largest prefill tiles (BLOCK_M 128)
     test_shapes=[_moe_shape(1, 32, 4, 16, 1), _moe_shape(7, 48, 4, 40, 2), _moe_shape(40, 32, 8, 24, 2, skew=True),
-                 _moe_shape(72, 32, 4, 16, 2)],
+                 _moe_shape(257, 32, 1, 16, 1)],
     bench_shapes=[_moe_shape(t, 4096, 8, 14336, 2) for t in (1, 16, 512, 4096)]        # Mixtral-8x7B experts
     + [_moe_shape(t, 2048, 128, 768, 8) for t in (1, 16, 512, 4096)],                  # Qwen3-30B-A3B experts
     grad_inputs=(0, 1, 2, 4),
