@@ -1,4 +1,5 @@
-"""Flash attention vs torch SDPA (cuDNN / flash backend on Hopper), forward and backward, in one run.
+"""Flash attention vs torch SDPA (its default backend, and forced to cuDNN), and flash-attn's flash_attn_func
+when the flash-attn package is installed, forward and backward, in one run.
 
     python benchmarks/bench_attention.py [--dtype bfloat16] [--head-dim 128] [--tokens 16384] [--heads 16]
 
@@ -22,6 +23,29 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _sdpa_cudnn():
+    """SDPA forced to the cuDNN backend (torch >= 2.3), or None where this torch has no such switch."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
+        backend = SDPBackend.CUDNN_ATTENTION
+    except (ImportError, AttributeError):
+        return None
+
+    def fn(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return sdpa(q, k, v, is_causal=causal)
+    return fn
+
+
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
 def _fwd_bwd(fn, args):
     args = [a.detach().requires_grad_() for a in args]
     fwd = lambda: fn(*args)  # noqa: E731
@@ -38,6 +62,7 @@ def run(dtype=torch.bfloat16, head_dim=128, tokens=16384, heads=16, seqlens=(512
     from llama_triton.kernels.flash_attention import chosen_configs
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+    cudnn, fa = _sdpa_cudnn(), _flash_attn()
     rows = []
     for causal in (True, False):
         for s in seqlens:
@@ -48,11 +73,19 @@ def run(dtype=torch.bfloat16, head_dim=128, tokens=16384, heads=16, seqlens=(512
                 "sdpa": (lambda q, k, v: sdpa(q, k, v, is_causal=causal),
                          tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))),
             }
+            if cudnn is not None:
+                impls["sdpa_cudnn"] = (lambda q, k, v: cudnn(q, k, v, causal), impls["sdpa"][1])
+            if fa is not None:                      # flash-attn's own layout is ours: (b, s, h, d)
+                impls["flash_attn"] = (lambda q, k, v: fa(q, k, v, causal=causal), (q, k, v))
             flops = 4 * b * heads * s * s * head_dim / (2 if causal else 1)
             row = {"causal": causal, "batch": b, "seqlen": s, "heads": heads, "head_dim": head_dim,
                    "dtype": str(dtype).replace("torch.", ""), "ms": {}, "tflops": {}}
             for name, (fn, args) in impls.items():
-                fwd, bwd = _fwd_bwd(fn, args)
+                try:
+                    fwd, bwd = _fwd_bwd(fn, args)
+                except RuntimeError as e:                # e.g. cuDNN without a kernel for this shape/dtype
+                    row.setdefault("skipped", {})[name] = str(e).splitlines()[0][:120]
+                    continue
                 for mode, f, mult in (("fwd", fwd, 1.0), ("bwd", bwd, 2.5)):
                     ms = _bench(f)
                     row["ms"][f"{name}_{mode}"] = ms
@@ -74,13 +107,18 @@ def run(dtype=torch.bfloat16, head_dim=128, tokens=16384, heads=16, seqlens=(512
     lines = [f"# Flash attention vs SDPA on {meta['gpu']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; TFLOP/s = 4bhs^2d (/2 causal), "
              "bwd 2.5x; `triton.testing.do_bench` medians.", "",
-             "| causal | batch x seqlen | fwd ours | fwd sdpa | ratio | bwd ours | bwd sdpa | ratio | config |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| causal | batch x seqlen | fwd ours | fwd sdpa | ratio | bwd ours | bwd sdpa | ratio | fwd / bwd "
+             "sdpa cuDNN | fwd / bwd flash-attn | config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pair(t, name):
+        return f"{t[name + '_fwd']:.1f} / {t[name + '_bwd']:.1f}" if name + "_fwd" in t else "n/a"
     for r in rows:
         t = r["tflops"]
         lines.append(f"| {r['causal']} | {r['batch']} x {r['seqlen']} | {t['ours_fwd']:.1f} | {t['sdpa_fwd']:.1f} | "
                      f"{t['ours_fwd'] / t['sdpa_fwd']:.2f}x | {t['ours_bwd']:.1f} | {t['sdpa_bwd']:.1f} | "
-                     f"{t['ours_bwd'] / t['sdpa_bwd']:.2f}x | {r['config']} |")
+                     f"{t['ours_bwd'] / t['sdpa_bwd']:.2f}x | {pair(t, 'sdpa_cudnn')} | {pair(t, 'flash_attn')} | "
+                     f"{r['config']} |")
     (out_dir / "attention.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out_dir / 'attention.md'}")
     return rows

@@ -13,7 +13,8 @@ use. Every row, in the same run:
 * eager / compile: a plain-torch GQA decode (matmul, softmax, matmul in fp32) and its ``torch.compile``;
 * flash_attn: ``flash_attn_with_kvcache`` when the flash-attn package is installed.
 
-Reported: ``triton.testing.do_bench`` medians (ms), achieved GB/s on the K/V bytes of the valid prefix, the
+Reported: ``triton.testing.do_bench_cudagraph`` medians (ms: the kernels, not Python's launch overhead; plain
+``do_bench`` for a call that cannot be captured), achieved GB/s on the K/V bytes of the valid prefix, the
 percent of the device copy bandwidth measured in this run, and the speed-up over SDPA. Results go to
 ``benchmarks/results/<gpu>/decode_attention.{json,md,png}``. Without CUDA it says so and writes nothing.
 """
@@ -101,7 +102,7 @@ def to_markdown(result: dict) -> str:
         f"torch {result['torch']}, triton {result['triton']}, {result['date']}. bf16, heads {HEADS}, heads_kv "
         f"{HEADS_KV}, head_dim {HEAD_DIM}, q_len 1; one static cache of max_seqlen = {result['max_seqlen']} per "
         f"batch size. Copy bandwidth measured in this run: {result['copy_gbps']:.0f} GB/s. Times: "
-        "`triton.testing.do_bench` medians (ms); GB/s on the K/V bytes of the valid prefix.",
+        "`triton.testing.do_bench_cudagraph` medians (ms); GB/s on the K/V bytes of the valid prefix.",
         "",
         "| batch | context | ours ms | sdpa ms | eager ms | compile ms | flash_attn ms | ours GB/s | % copy | vs sdpa | config |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -151,13 +152,19 @@ def main(argv=None) -> int:
         print("No CUDA device: the decode benchmark needs a GPU (interpreter timings are not performance "
               "figures); nothing written.")
         return 0
-    from llama_triton.bench import _do_bench, environment, measure_copy_bandwidth, write_results
+    from llama_triton.bench import _do_bench, _do_bench_graph, environment, measure_copy_bandwidth, write_results
+
+    def do_bench(fn):                           # decode-sized calls: time the kernels from a CUDA graph
+        try:
+            return _do_bench_graph(fn)
+        except Exception:                       # not capturable (e.g. a compiled fallback that syncs)
+            return _do_bench(fn)
 
     copy_gbps = measure_copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s")
     rows = []
     for b in args.batch:
-        rows += bench_batch(b, sorted(args.contexts), copy_gbps, _do_bench, compile_torch=not args.no_compile)
+        rows += bench_batch(b, sorted(args.contexts), copy_gbps, do_bench, compile_torch=not args.no_compile)
     result = {**environment(), "copy_gbps": copy_gbps, "max_seqlen": max(args.contexts), "rows": rows}
     write_results(result, "decode_attention", to_markdown(result), args.out, plot)
     return 0

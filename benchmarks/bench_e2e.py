@@ -86,49 +86,27 @@ def mm_tflops(device) -> float:
 
 # ------------------------------------------------------------------------------------------------- ours
 def ours_decode(model, prompt_len: int, n_tokens: int, mode: str) -> float:
-    """Batch-1 decode tokens/s of our model after a `prompt_len` prefill, the step captured per `mode`."""
+    """Batch-1 decode tokens/s of our model after a `prompt_len` prefill, the step run per `mode`: "graph" (the
+    library's CUDA-graph replay, generate()'s default on CUDA), "compile" (torch.compile reduce-overhead) or
+    "eager"."""
     device = model.device
     caches = model.make_caches(1, prompt_len + n_tokens + 8)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
     tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-    pos = torch.full((1, 1), prompt_len, dtype=torch.long, device=device)
-    step = DecodeStep(model, caches, compile=(mode == "compile"))
+    step = DecodeStep(model, caches, compile=(mode == "compile"), cuda_graph=(mode == "graph" and device.type == "cuda"))
 
     def prefill():
         with torch.no_grad():
             model(ids, caches=caches, fresh_cache=True, logits_to_keep=1)
-        for c in caches:
-            c.seqlens.fill_(prompt_len)
-        pos.fill_(prompt_len)
+        caches[0].seqlens.fill_(prompt_len)                  # one seqlens for all layers
+
+    def one():
+        tok.copy_(step(tok).argmax(-1, keepdim=True))
 
     with torch.no_grad():
         prefill()
-        for _ in range(3):                                    # warm-up: autotune / compile outside timing
-            step(tok, pos)
-        graph = None
-        if mode == "graph" and device.type == "cuda":
-            prefill()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                step(tok, pos)
-            torch.cuda.current_stream().wait_stream(s)
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_logits = step(tok, pos)
-            except RuntimeError as e:                         # something in the step is not capturable
-                print(f"  warning: CUDA graph capture failed ({e}); timing the eager step", flush=True)
-                graph = None
-        if graph is not None:
-            def one():
-                graph.replay()
-                tok.copy_(static_logits.argmax(-1, keepdim=True))
-                pos.add_(1)
-        else:
-            def one():
-                tok.copy_(step(tok, pos).argmax(-1, keepdim=True))
-                pos.add_(1)
+        for _ in range(3):                                    # warm-up: autotune / compile / graph capture
+            one()
         prefill()
         _sync(device)
         t0 = time.perf_counter()

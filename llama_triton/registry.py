@@ -65,7 +65,8 @@ _RMS_TEST_SHAPES = [
     {"rows": 1, "hidden": 1}, {"rows": 3, "hidden": 5}, {"rows": 17, "hidden": 127},
     {"rows": 4, "hidden": 4095}, {"rows": 2, "hidden": 16384},
 ]
-_RMS_BENCH_SHAPES = [{"rows": r, "hidden": h} for h in (4096, 8192) for r in (4096, 8192, 16384, 32768)]
+_RMS_BENCH_SHAPES = [{"rows": r, "hidden": h} for h in (4096, 8192) for r in (4096, 8192, 16384, 32768)] + \
+    [{"rows": r, "hidden": 4096} for r in (1, 16, 64)]       # decode-sized: timed from a CUDA graph (bench.py)
 
 REGISTRY: list[OpSpec] = [
     OpSpec(
