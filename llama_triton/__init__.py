@@ -21,6 +21,7 @@ _EXPORTS = {
     "fused_linear_cross_entropy": "llama_triton.ops.cross_entropy",
     "rms_norm_matmul": "llama_triton.ops.rms_norm_matmul",
     "decode_attention": "llama_triton.ops.decode_attention",
+    "decode_attention_with_kvcache": "llama_triton.ops.decode_attention",
     "quant_matmul": "llama_triton.ops.quant_matmul",
     "moe_experts": "llama_triton.ops.moe",
     "low_rank_matmul": "llama_triton.ops.low_rank",

@@ -68,8 +68,14 @@ class DecodeStep:
         torch.cuda.current_stream(tokens.device).wait_stream(side)
         seqlens.copy_(saved)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._logits = self._step(self._tokens)
+        try:
+            with torch.cuda.graph(self._graph):
+                self._logits = self._step(self._tokens)
+        except RuntimeError as e:                    # a step that syncs the host (e.g. "dynamic" rope) cannot
+            import warnings                          # be captured: run it eagerly instead
+
+            warnings.warn(f"DecodeStep: CUDA graph capture failed ({str(e).splitlines()[0]}); running eagerly")
+            self.cuda_graph, self._graph = False, None
         seqlens.copy_(saved)                         # capture does not run kernels; the copy keeps it explicit
 
     def _step(self, tokens, positions=None):
@@ -81,6 +87,8 @@ class DecodeStep:
         if self.cuda_graph and positions is None and tokens.is_cuda:
             if self._graph is None:
                 self._capture(tokens)
+            if self._graph is None:
+                return self.fn(tokens, positions)
             self._tokens.copy_(tokens)
             self._graph.replay()
             return self._logits
