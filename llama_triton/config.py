@@ -80,6 +80,7 @@ class LlamaConfig:
         if self.o_proj_bias is None:
             self.o_proj_bias = self.attention_bias
         self.rope_parameters = dict(self.rope_parameters or {})
+        self.mlp_only_layers = list(self.mlp_only_layers or []) or None      # [] and None: no dense-only layers
         self.rope_parameters.setdefault("rope_type", "default")
         self.rope_parameters.setdefault("rope_theta", 10000.0)
         self.validate()
