@@ -301,6 +301,12 @@ from llama_triton.kernels import decode_attention as K
 for dtype, d, window in ((torch.float32, 128, (100, 0)), (torch.bfloat16, 128, (100, 0)), (torch.bfloat16, 256, (-1, -1))):
     q, kv = torch.empty(2, 4, 32, d, dtype=dtype), torch.empty(2, 4096, 8, d, dtype=dtype)
     K.decode_attention_fwd(q, kv, kv, torch.full((2,), 4096, dtype=torch.int32), None, window, num_splits=8)
+# the decode step's variant: RoPE + KV append (decode_attention_with_kvcache), with cache_leftpad (HF caches)
+new, cos = torch.empty(2, 4, 8, 128, dtype=torch.bfloat16), torch.empty(4096, 128, dtype=torch.bfloat16)
+kv = torch.empty(2, 4096, 8, 128, dtype=torch.bfloat16)
+K.decode_attention_fwd(new.repeat(1, 1, 4, 1), kv, kv, torch.full((2,), 100, dtype=torch.int32), None, (-1, -1),
+                       num_splits=1, k=new, v=new, rotary_cos=cos, rotary_sin=cos,
+                       cache_leftpad=torch.zeros(2, dtype=torch.int32))
 print("LOWERING OK", len(L.compiled))
 """
 
@@ -311,3 +317,4 @@ def test_kernel_variants_lower_to_sm90_without_a_gpu():
     the variants it does not reach with the same machinery (tests/lowering_check.py)."""
     stdout = lowering_check.run_snippet(_LOWERING)
     assert stdout.count("compiled _decode_merge_kernel") == 3, stdout      # fp32, bf16, head_dim 256
+    assert "APPEND=True" in stdout and "ROTARY=True" in stdout and "HAS_LEFTPAD=True" in stdout, stdout
