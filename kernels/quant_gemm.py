@@ -22,8 +22,8 @@ bit, the value ``llama_triton.quant.dequantize`` rounds to x's dtype.
 Three paths, chosen by M (rows of x); all autotuned on (M bucket, N, K, bits, group size), never on M:
   * GEMV (M <= 4): no ``tl.dot``. Each program streams a (BLOCK_N, 16)-word tile per chunk (128-bit loads,
     each word loaded once per call), takes value i of every word as the weights of 16 consecutive k, and
-    accumulates ``x[:, None, k] * w[None, :, k]`` elementwise in fp32 (BLOCK_M, BLOCK_N, 16); one reduction
-    over the 16 at the end.
+    accumulates ``w * x[m, None, k]`` elementwise in one fp32 (BLOCK_N, 16) tile per row m of x, in the word
+    tile's own layout (no layout conversion of the weights); one reduction over the 16 at the end.
   * decode dot (4 < M <= 16): the same tiles, each (BLOCK_N, 16) slice cast to x's dtype and fed to a
     K = 16 ``tl.dot`` with BLOCK_M = 16 (mma), fp32 accumulator.
   * prefill (M > 16): tiled GEMM with grouped tile ordering; each chunk unpacked in registers to a
@@ -300,8 +300,8 @@ def decode_load_bytes(cfg: dict, M: int, N: int, K: int, bits: int, group_size: 
     """Global->SM bytes one decode launch loads with ``cfg`` (BLOCK_N, CHUNKS, SPLIT_K, BLOCK_M): every
     load of the kernel counted at its full tile size (masked lanes included: an upper bound), times how
     often it runs: the K loop's loads once per (N tile, K step), the per-channel rows once per program, the
-    reduction's partials once per N tile. group_size == K means per channel. tests/test_quant_decode.py
-    checks this model against the loads in the compiled kernel."""
+    reduction's partials once per N tile. group_size == K means per channel. tests/test_quant_static.py
+    checks this model against the loads in the compiled kernel (sm_90 TTIR)."""
     bn, chunks, split, bm = cfg["BLOCK_N"], cfg["CHUNKS"], cfg["SPLIT_K"], cfg["BLOCK_M"]
     block_k = chunks * chunk_k(bits)
     tiles, steps = -(-N // bn), -(-K // block_k)

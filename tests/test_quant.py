@@ -637,9 +637,10 @@ from llama_triton import quant
 from llama_triton.kernels import quant_gemm as QG
 
 # what the generic check (the registry's W4 g64 asym / W8 per-channel sym at M = 16 and 128, bf16/fp16) does
-# not reach: g128 and g32 prefill variants, act-order, fp32 activations (ieee dots)
+# not reach: g128 and g32 prefill variants, act-order, fp32 activations (ieee dots; GEMV and decode dot)
 for dtype, bits, group, sym, M in ((torch.bfloat16, 4, 128, False, 128), (torch.bfloat16, 8, -1, True, 128),
-                                   (torch.float32, 4, 32, True, 128), (torch.float32, 8, -1, False, 1)):
+                                   (torch.float32, 4, 32, True, 128), (torch.float32, 8, -1, False, 1),
+                                   (torch.float32, 4, 32, False, 8)):
     qw = quant.quantize_weight(torch.randn(96, 256), bits, group, sym).to(dtype=dtype)
     perm = torch.arange(256, dtype=torch.int32) if bits == 4 else None
     QG.quant_matmul(torch.empty(M, 256, dtype=dtype), qw.qweight, qw.scales, qw.zeros, perm, bits, qw.group_size)
