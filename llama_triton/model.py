@@ -192,6 +192,7 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         pack_model_(self)                  # q/k/v and gate/up as one GEMM each (same parameters, one buffer)
+        self.model.rotary_emb.table(max_seqlen, device or self.device, self.dtype)   # cos/sin, built once, here
         seqlens = torch.zeros(batch, dtype=torch.int32, device=device or self.device)   # one for all layers
         return [KVCache(batch, max_seqlen, c.num_key_value_heads, head_dim, dtype=dtype or self.dtype,
                         device=device or self.device, seqlens=seqlens) for _ in range(c.num_hidden_layers)]

@@ -112,8 +112,9 @@ def test_bad_input():
 
 
 def test_decode_step_traces_as_one_graph_without_recompiles():
-    """CPU stand-in for CUDA-graph capture: the decode step compiles with fullgraph=True (no host sync, no
-    data-dependent Python branch) and advancing positions / cache lengths never recompiles."""
+    """CPU stand-in for CUDA-graph capture: the decode step (the fused path generate runs: positions from the
+    cache lengths, tables built by make_caches) compiles with fullgraph=True (no host sync, no data-dependent
+    Python branch) and advancing cache lengths never recompiles."""
     from llama_triton.generate import DecodeStep
 
     torch._dynamo.reset()
@@ -123,13 +124,12 @@ def test_decode_step_traces_as_one_graph_without_recompiles():
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         model(ids, caches=caches, fresh_cache=True)
         fn = torch.compile(DecodeStep(model, caches)._step, backend="aot_eager", fullgraph=True, dynamic=False)
-        tok, pos = ids[:, -1:].clone(), torch.full((2, 1), 5)
+        tok = ids[:, -1:].clone()
         seq = [ids]
         for _ in range(3):
-            logits = fn(tok, pos)
+            logits = fn(tok)
             seq.append(tok.clone())
             tok.copy_(logits.argmax(-1, keepdim=True))
-            pos += 1
         ref = model(torch.cat(seq, 1)).logits[:, -1]
     assert caches[0].seqlens.tolist() == [8, 8]
     assert rel_err(logits, ref) < 1e-4
