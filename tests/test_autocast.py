@@ -61,6 +61,12 @@ def _cases():
                                                                      _r(2, 8, 1, 16, grad=False),
                                                                      _r(2, 8, 1, 16, grad=False), seqlens],
                              {}, like_cache),
+        "decode_attention_with_kvcache": (   # issue 13: q and the new k/v take the caches' dtype
+            llama_triton.decode_attention_with_kvcache,
+            lambda: [_r(2, 1, 2, 16, dtype=F16, grad=False), _r(2, 8, 1, 16, grad=False), _r(2, 8, 1, 16, grad=False),
+                     _r(2, 1, 1, 16, dtype=F16, grad=False), _r(2, 1, 1, 16, dtype=F16, grad=False, seed=1),
+                     torch.tensor([3, 7], dtype=torch.int32)],
+            {}, lambda a, dt: [a[0].to(a[1].dtype), a[1], a[2], a[3].to(a[1].dtype), a[4].to(a[2].dtype), a[5]]),
         "rms_norm": (llama_triton.rms_norm, lambda: [_r(3, 24, dtype=F16), _r(24), 1e-6, _r(3, 24)], {},
                      _promote(0, 3)),
         "apply_rotary_pos_emb": (llama_triton.apply_rotary_pos_emb,
