@@ -292,3 +292,16 @@ def test_model_size_counts_each_format():
     quantize_model(m, bits=4, group_size=16)
     lin, whole = report.model_size(m)
     assert lin.bytes == n_lin // 2 + 2 * n_lin // 16 and whole.bytes == lin.bytes + 2 * other   # codes + scales
+
+
+def test_factorize_model_energy_and_layers_that_would_not_shrink():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24, bias=True), nn.Linear(8, 4))
+    with torch.no_grad():                                                        # rank 3 + a little noise
+        model[0].weight.copy_(torch.randn(24, 3) @ torch.randn(3, 32) + 0.01 * torch.randn(24, 32))
+    rep = compress.factorize_model(model, "svd", energy=0.9)
+    big, small = rep
+    assert big.rank <= 3 and big.energy >= 0.9 and isinstance(model[0], LowRankLinear)
+    assert small.rank is None and type(model[1]) is nn.Linear                     # r (N + K) >= N K: kept dense
+    x = torch.randn(3, 32)
+    assert model[0](x).shape == (3, 24)
