@@ -50,8 +50,15 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, lo
     return CausalLMOutputWithPast(loss=loss, logits=None, **extra)
 
 
+# Dense decoders whose forward is embed -> layers -> norm -> lm_head -> ForCausalLMLoss; MoE variants
+# (Qwen2MoeForCausalLM, Mixtral...) add a router loss in their forward and keep the stock one.
+FUSED_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
 def can_fuse(model: nn.Module) -> str | None:
     """None when ``model``'s loss can be fused, else why not."""
+    if type(model).__name__ not in FUSED_CLASSES:
+        return f"{type(model).__name__} is not one of {', '.join(FUSED_CLASSES)}"
     head = getattr(model, "lm_head", None)
     if not isinstance(head, nn.Linear) or not hasattr(model, "model"):
         return "not a *ForCausalLM with an nn.Linear lm_head"

@@ -38,3 +38,39 @@ def test_ddp_and_fsdp2_on_two_processes_match_one(tmp_path, monkeypatch):
         assert weights.keys() == ref_weights.keys()
         for name, w in ref_weights.items():
             torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5, msg=f"{mode} {name}")
+
+
+def test_fsdp2_sharded_parameters_reach_our_kernels(tmp_path):
+    """FSDP2 (one gloo process): the parameters are DTensors, unsharded around each block's forward and
+    backward; our custom ops (Triton kernels in the interpreter, the fused loss on lm_head) see them and give
+    the unsharded model's loss and gradients."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from llama_triton.model import LlamaConfig, LlamaForCausalLM
+
+    from _dist_train import MODEL
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ref = LlamaForCausalLM(LlamaConfig(**{**MODEL, "num_hidden_layers": 1})).init_weights(seed=0).train()
+        model = copy.deepcopy(ref)
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert isinstance(model.lm_head.weight, DTensor)
+        ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        want = ref(ids, labels=ids).loss
+        want.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    finally:
+        dist.destroy_process_group()
