@@ -63,9 +63,9 @@ def test_fused_decode_tokens_equal_the_general_path():
     q/k/v GEMMs on a fresh unpacked copy, the rope kernel, index_put, decode attention): the same tokens."""
     model = _model(2, sliding_window=6, model_type="mistral")
     ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
-    fused = model.generate(ids, max_new_tokens=6)
+    fused = model.generate(ids, max_new_tokens=4)
     general = _model(2, sliding_window=6, model_type="mistral")
-    caches = [type(c)(2, 11, c.k.shape[2], c.k.shape[3]) for c in general.make_caches(2, 11)]  # own seqlens
+    caches = [type(c)(2, 9, c.k.shape[2], c.k.shape[3]) for c in general.make_caches(2, 9)]  # own seqlens
     for m in general.modules():                                                  # unpack: a copy per weight
         for n, p in m.named_parameters(recurse=False):
             p.data = p.data.clone()
@@ -74,7 +74,7 @@ def test_fused_decode_tokens_equal_the_general_path():
     with torch.no_grad():
         tok = general(ids, caches=caches, fresh_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         out = [tok]
-        for t in range(5, 10):
+        for t in range(5, 8):
             tok = general(tok, position_ids=torch.full((2, 1), t), caches=caches).logits[:, -1].argmax(-1, keepdim=True)
             out.append(tok)
     assert torch.equal(fused[:, 5:], torch.cat(out, 1))
