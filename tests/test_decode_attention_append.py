@@ -93,3 +93,20 @@ def test_cache_leftpad(num_splits):
     testing.assert_close("out", out, ref, hi)
     torch.testing.assert_close(out[1:2], reference.decode_attention(q[1:2], kc[1:2, 37:], vc[1:2, 37:], s[1:2] - 37))
     assert (out[2] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len, num_splits", [(1, None), (4, None), (4, 1)])
+def test_gpu_llama_shapes_bf16(q_len, num_splits):
+    """Llama-3-8B attention shapes, a 4k cache split over programs (the new keys' split writes them, then a
+    barrier, then reads them back through the pipelined loads), under the 2x rule."""
+    b, h, h_kv, d, n = 2, 32, 8, 128, 4096
+    q, kc, vc, k, v, s = _inputs(b, q_len, h, h_kv, d, n, [4000, 63], torch.bfloat16)
+    cos, sin = _tables(n, d, torch.bfloat16)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    out = decode_attention_with_kvcache(q, kc, vc, k, v, s, cos, sin, num_splits=num_splits)
+    low = reference.decode_attention_with_kvcache(q, kc_ref, vc_ref, k, v, s, cos, sin)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    hi = reference.decode_attention_with_kvcache(*testing.to_oracle((q, kc.clone(), vc.clone(), k, v)), s,
+                                                 cos.double(), sin.double())
+    testing.assert_close("out", out, low, hi)
