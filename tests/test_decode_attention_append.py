@@ -106,7 +106,8 @@ def test_gpu_llama_shapes_bf16(q_len, num_splits):
     kc_ref, vc_ref = kc.clone(), vc.clone()
     out = decode_attention_with_kvcache(q, kc, vc, k, v, s, cos, sin, num_splits=num_splits)
     low = reference.decode_attention_with_kvcache(q, kc_ref, vc_ref, k, v, s, cos, sin)
-    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    assert torch.equal(vc, vc_ref)                                   # values: a plain copy
+    torch.testing.assert_close(kc, kc_ref, rtol=2 ** -7, atol=1e-3)  # keys: fp32 rotation (FMA may differ by 1 ulp)
     hi = reference.decode_attention_with_kvcache(*testing.to_oracle((q, kc.clone(), vc.clone(), k, v)), s,
                                                  cos.double(), sin.double())
     testing.assert_close("out", out, low, hi)
