@@ -59,3 +59,14 @@ def test_scopes_and_cpu_value_checks():
     assert rest.aten == 2 and rest.names == {"aten:relu": 1, "aten:add": 1, "check:abs": 1, "check:max": 1,
                                              "check:_local_scalar_dense": 1}
     assert torch.Tensor.tolist is not None and profiling.count_kernels(lambda: 1)[0] == 1  # patches undone
+
+
+def test_cli_profile_count(capsys):
+    from llama_triton import cli
+
+    assert cli.main(["profile", "--preset", "tiny", "--layers", "1", "--count", "--prompt-len", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    assert {"layer", "fixed", "total"} <= set(rows), out
+    assert int(rows["total"][1]) == int(rows["layer"][2]) + int(rows["fixed"][1]), out   # launches add up
+    assert rows["total"][4] == "0", out                                                   # no host sync
