@@ -308,6 +308,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, log=None) -> TrainResult
         loader = PackedLoader(data.train, cfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world)
         log(f"data: {data.n_docs} documents, {data.n_tokens} tokens; {len(data.train)} train / "
             f"{len(data.held_out)} held-out sequences of {cfg.seq_len}")
+        from . import backend
+
+        if device.type == "cpu" and backend.use_triton(torch.empty(0)):
+            log("note: the kernels run in Triton's CPU interpreter (slow); LLAMA_TRITON_BACKEND=torch trains "
+                "with the PyTorch reference ops")
         base = model
         if cfg.activation_checkpointing:
             checkpoint_layers(base)
