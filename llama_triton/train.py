@@ -440,6 +440,7 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="no loss_curve.png")
 
 
 def _parse_overrides(items) -> dict:

@@ -149,3 +149,20 @@ def test_activation_checkpointing_same_loss_and_grads():
         m(ids, labels=ids).loss.backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8, msg=n)
+
+
+def test_train_command(tmp_path, monkeypatch, capsys):
+    """`llama-triton train` end to end (1 step, PyTorch reference ops for speed): options reach TrainConfig
+    (--set overrides the preset), outputs are written."""
+    from llama_triton import cli
+
+    monkeypatch.setenv("LLAMA_TRITON_BACKEND", "torch")
+    out = tmp_path / "run"
+    sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
+    assert cli.main(["train", "--data", _corpus(tmp_path / "c.jsonl"), "--out", str(out), "--steps", "1",
+                     "--seq-len", "16", "--batch-size", "2", "--grad-accum", "2", "--held-out", "0.2",
+                     "--eval-tokens", "32", "--no-progress", "--no-plot", *sets]) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["config"]["grad_accum"] == 2
+    assert json.loads((out / "model" / "config.json").read_text())["hidden_size"] == 32
