@@ -7,8 +7,8 @@ then runs with autocast disabled, exactly as it runs on tensors of those dtypes 
 
 * ``"lower"``: every floating-point tensor argument (fp64 excepted, as autocast does) is cast to the
   autocast dtype, like ``torch.mm``/``F.linear`` (matmul ops: flash_attention, rms_norm_matmul,
-  fused_linear_cross_entropy), except those named in ``keep=(names)`` (FLCE's class weights ``ce_weight``:
-  loss weights, not matmul operands).
+  fused_linear_cross_entropy, moe_experts), except those named in ``keep=(names)`` (FLCE's class weights
+  ``ce_weight``, moe_experts' routing weights ``topk_weights``: scale factors, not matmul operands).
 * ``promote=(names)``: those arguments are cast to the widest floating dtype among them, like torch's
   elementwise ops (rms_norm's x/residual, swiglu's gate/up, rope's q/k); others stay as given.
 * ``like={"q": "k_cache"}``: q is cast to k_cache's dtype (decode_attention: a KV cache is never copied;

@@ -46,6 +46,7 @@ def _cases():
     lower = lambda a, dt: _lower(dt)(a)                                               # noqa: E731
     keep = lambda a, dt: list(a)                                                     # noqa: E731
     like_cache = lambda a, dt: [a[0].to(a[1].dtype)] + list(a[1:])                   # noqa: E731
+    keep_routing = lambda a, dt: _lower(dt)(a[:4]) + [a[4]]                          # noqa: E731
     return {
         "flash_attention": (llama_triton.flash_attention, lambda: [_r(1, 5, 2, 16), _r(1, 5, 1, 16), _r(1, 5, 1, 16)],
                             {}, lower),
@@ -82,15 +83,17 @@ def _cases():
                      torch.rand(32, generator=torch.Generator().manual_seed(7))],
             {}, lambda a, dt: _lower(dt)(a[:7]) + [a[7]]),                    # class weights stay fp32
         "rms_norm_matmul": (llama_triton.rms_norm_matmul, lambda: [_r(3, 16), _r(16), _r(8, 16)], {}, lower),
-        "moe_experts": (llama_triton.moe_experts, lambda: [_r(3, 16), _r(4, 24, 16), _r(4, 16, 12),
-                                                           torch.tensor([[0, 2], [1, 2], [3, 0]]),
-                                                           torch.rand(3, 2, generator=torch.Generator().manual_seed(5))
-                                                           .requires_grad_()], {}, lower),
+        "moe_experts[I=12]": (llama_triton.moe_experts, lambda: [_r(3, 16), _r(4, 24, 16), _r(4, 16, 12),
+                                                                 torch.tensor([[0, 2], [1, 2], [3, 0]]),
+                                                                 torch.rand(3, 2, generator=torch.Generator()
+                                                                            .manual_seed(5)).requires_grad_()],
+                              {}, keep_routing),                       # routing weights stay fp32 (as in HF)
         "low_rank_matmul": (low_rank_matmul, lambda: [_r(3, 16), _r(4, 16), _r(8, 4)], {}, lower),
         "quant_matmul": (llama_triton.quant_matmul, lambda: [_r(2, 64, dtype=F16), qw], {},
                          lambda a, dt: [a[0].to(a[1].scales.dtype), a[1]]),
         "moe_experts": (llama_triton.moe_experts, lambda: [_r(3, 16), _r(4, 16, 16), _r(4, 16, 8),      # issue 17
-                                                           torch.tensor([[0, 1], [1, 3], [2, 0]]), _r(3, 2)], {}, lower),
+                                                           torch.tensor([[0, 1], [1, 3], [2, 0]]), _r(3, 2)], {},
+                        keep_routing),
     }
 
 

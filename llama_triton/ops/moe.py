@@ -110,7 +110,9 @@ _moe_route.register_autograd(_backward_route, setup_context=_setup_route)
 
 
 # ------------------------------------------------------------------------------------------ public API
-@backend.public_op("lower")     # a matmul op: under autocast every float argument goes to the autocast dtype
+# a matmul op: under autocast x and the expert weights go to the autocast dtype; the routing weights keep
+# theirs (they scale the fp32 GEMM2 accumulator, as transformers multiplies by them outside the matmul)
+@backend.public_op("lower", keep=("topk_weights",))
 def moe_experts(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
     """The experts of a sparse MoE block (transformers 5's ``MixtralExperts`` / ``Qwen3MoeExperts`` forward):
     ``out[t] = sum_k topk_weights[t, k] * down_proj[e] @ (silu(gate) * up)``, ``gate, up =
