@@ -305,3 +305,17 @@ def test_factorize_model_energy_and_layers_that_would_not_shrink():
     assert small.rank is None and type(model[1]) is nn.Linear                     # r (N + K) >= N K: kept dense
     x = torch.randn(3, 32)
     assert model[0](x).shape == (3, 24)
+
+
+def test_cli_compress_default_model_is_the_embedded_trained_one():
+    """README and --help say `llama-triton compress` without --model compresses the embedded demo model (the
+    trained one shipped in the package), not random weights."""
+    from argparse import Namespace
+
+    from llama_triton import embedded
+    from llama_triton.compress.cli import _load
+
+    model, _, source = _load(Namespace(model=None, seed=0), "cpu")
+    want = embedded.load_embedded()
+    assert "embedded" in source
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))

@@ -34,8 +34,13 @@ def _load(args, device):
     if args.model:
         model = LlamaForCausalLM.from_pretrained(args.model, device=device)
         return model, tokenizer_for_model(args.model, model.config), args.model
+    from .. import embedded
+
+    if embedded.available():     # the trained demo model shipped in the package (byte tokenizer)
+        return (embedded.load_embedded(device=device), ByteTokenizer(),
+                "embedded demo model (llama_triton/assets/pydoc_tiny)")
     model = LlamaForCausalLM(LlamaConfig.preset("tiny")).init_weights(seed=args.seed).to(device).eval()
-    return model, ByteTokenizer(), f"demo model (tiny preset, random weights seed {args.seed})"
+    return model, ByteTokenizer(), f"demo model (tiny preset, random weights seed {args.seed}: package data missing)"
 
 
 def _check(args) -> None:
