@@ -51,6 +51,9 @@ class DecodeStep:
     """
 
     def __init__(self, model, caches, compile: bool = False, cuda_graph: bool = False):
+        from .packing import pack_model_
+
+        pack_model_(model)              # a traced / captured step uses the packed q/k/v, gate/up as they are now
         self.model, self.caches = model, caches
         self.fn = torch.compile(self._step, mode="reduce-overhead", dynamic=False) if compile else self._step
         self.cuda_graph = cuda_graph and not compile

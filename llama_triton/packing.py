@@ -99,6 +99,7 @@ def packed_weight(linears):
         if not getattr(linears[0], _FLAG, False):
             return None
     elif not (_rows_follow(weights) and (biases is None or _rows_follow(biases))):
+        setattr(linears[0], _FLAG, False)                # un-packed (e.g. by model.to): a trace must not trust it
         return None
     return _whole(weights), (_whole(biases) if biases is not None else None)
 
@@ -110,6 +111,7 @@ def _quant_packed(linears):
         if not getattr(linears[0], _FLAG, False):
             return None
     elif not all((_rows_follow if rows else _cols_follow)(ts) for _, ts, rows in groups):
+        setattr(linears[0], _FLAG, False)
         return None
     return {name: (_whole if rows else _whole_cols)(ts) for name, ts, rows in groups}
 
