@@ -10,12 +10,17 @@ key ``j`` is visible when ``pos - left <= j <= pos + right`` (``-1``: unbounded;
 Rows with nothing visible give out = 0 and lse = -inf. K/V blocks that are fully masked are never visited,
 and blocks that are fully visible skip the mask arithmetic (three loop phases: masked, full, masked).
 
-Forward: one program per (query block, head, batch): online softmax in fp32 (exp2 with the scale folded
-in), writes out (q's dtype) and lse (fp32, natural log).
+Forward: one program per (query block, head, batch): online softmax in fp32 (exp2; in the fully visible
+blocks qk_scale is folded into the exp2 argument as one FMA with the running max, tutorial 06 style), writes
+out (q's dtype) and lse (fp32, natural log). On sm_90+ with a Triton that has `tl.make_tensor_descriptor`,
+fp16/bf16 inputs go to the TMA forward in kernels/flash_attention_tma.py (same results; this portable
+kernel serves other GPUs, older Tritons, fp32 and unaligned inputs; LLAMA_TRITON_FLASH_FWD=portable forces it).
 Backward (deterministic, no atomics): ``delta = rowsum(dO * O) - dlse`` (preprocess kernel); a dk/dv
-kernel with one program per (key block, kv head, batch) that loops over the query heads of its GQA group
-and their query blocks (so dk/dv are summed over the group in registers); a dq kernel with one program per
-(query block, head, batch) that loops over key blocks.
+kernel with one program per (key block, kv head, batch) whose single loop walks the (query head of its GQA
+group, query block) pairs (so dk/dv are summed over the group in registers); a dq kernel with one program
+per (query block, head, batch) that loops over key blocks.
+Autotune keys bucket the sequence length coarsely (SEQ_BUCKETS): a growing context re-tunes at most twice.
+Every autotune config compiles spill-free for sm_90 (static, ptxas; tests/test_static_gates.py).
 """
 from __future__ import annotations
 
@@ -38,12 +43,14 @@ def _smem_ok(block_d: int, resident: int, pipelined: int, stages: int, elt: int 
 
 
 def _fwd_configs():
-    """Forward: BLOCK_M queries x BLOCK_N keys. One small config under the interpreter."""
+    """Forward: BLOCK_M queries x BLOCK_N keys. One small config under the interpreter. Every config here
+    compiles without spills for sm_90 (bf16/fp16, head_dim 64/128, static, ptxas); dropped because they spill:
+    128x64 w4 s3 (584/1108 bytes), 128x128 w8 s2/s3 (20-28), 128x32 w4 s4 (68-128)."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-                                    (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2))]
+               for bm, bn, w, s in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 128, 8, 3),
+                                    (64, 64, 4, 3), (64, 32, 4, 2))]
     configs.append(triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1))  # always fits
     return configs
 
@@ -61,13 +68,17 @@ def _fwd_prune(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
-def _bwd_configs():
-    """dk/dv (BLOCK_N keys resident, loop over BLOCK_M queries) and dq (BLOCK_M queries resident)."""
+def _bwd_configs(kernel: str):
+    """dk/dv (BLOCK_N keys resident, loop over BLOCK_M queries) and dq (BLOCK_N queries resident, loop over
+    BLOCK_M keys). Spill-free for sm_90 (bf16/fp16, head_dim 64/128, GQA 4, static, ptxas); dropped because
+    they spill: 32x128 w4 (both), and for dk/dv 64x64 w4/w8 and 64x128 w8 (its 2 (N, D) fp32 accumulators
+    plus k and v stay resident)."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in ((32, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 3), (64, 64, 4, 2), (64, 64, 8, 3),
-                                    (64, 128, 8, 2), (32, 64, 8, 2))]
+    tiles = ((32, 64, 4, 2), (32, 128, 8, 3), (32, 64, 8, 2))
+    if kernel == "dq":
+        tiles += ((64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2))
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
     configs.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1))  # always fits
     return configs
 
@@ -79,14 +90,26 @@ def _bwd_prune(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
+def _dkdv_prune(configs, named_args, **kwargs):
+    """_bwd_prune, and with softcap no 4-warp config with 64+ keys resident: the tanh derivative keeps one
+    more (N, M) fp32 tile live and 32x64 w4 spills (32/32 bytes, static, sm_90, head_dim 128)."""
+    if {**named_args, **kwargs}.get("HAS_SOFTCAP"):
+        configs = [c for c in configs if c.num_warps == 8 or c.kwargs["BLOCK_N"] < 64]
+    return _bwd_prune(configs, named_args, **kwargs)
+
+
 # Runtime sizes and windows are not specialised by the JIT (Triton would otherwise compile a variant per
 # "== 1" / "% 16 == 0" value of each length: a recompile of every autotune config for a new prompt length).
 _RUNTIME_INTS = ("seqlen_q", "seqlen_k", "window_left", "window_right")
 
 
+SEQ_BUCKETS = (2048, 16384)  # autotune buckets of max(seqlen_q, seqlen_k): < 2k, < 16k, longer
+
+
 def _seq_bucket(n: int) -> int:
-    """Autotune key for a sequence length: its power-of-2 bucket (a new length never forces a re-tune)."""
-    return min(max(triton.next_power_of_2(max(int(n), 1)), 64), 32768)
+    """Autotune key for a sequence length: one of three coarse buckets (short prompts, long, very long), so
+    a growing context re-tunes at most twice, not at every power of two."""
+    return sum(int(n) >= b for b in SEQ_BUCKETS)
 
 
 # ------------------------------------------------------------------------------------- shared jit helpers
@@ -183,6 +206,34 @@ def _softcap(s, cap):
 
 
 @triton.jit
+def _softmax_step(qk, m_i, l_i, rows_pos, cols, k_len, qk_scale, softcap, window_left, window_right,
+                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """One online-softmax step over raw scores qk (M, N) (q k^T, fp32): -> p (M, N), alpha (M,) (the factor
+    that rescales the running acc and l), the new running max m (M,) and l (M,), all in log2 units."""
+    if HAS_SOFTCAP:                                                                       # (softcap in log2 units)
+        qk = _softcap(qk * qk_scale, softcap)
+    if MASKED:
+        if not HAS_SOFTCAP:
+            qk = qk * qk_scale                                                            # log2 units
+        qk = tl.where(_visible(rows_pos, cols, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                      qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                              # empty so far
+        p = tl.math.exp2(qk - m_use[:, None])
+    elif HAS_SOFTCAP:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+    else:                               # -- qk_scale folded into exp2 as one FMA with the running max --
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)                                 # qk_scale >= 0
+        m_use = m_new
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                rows_pos, k_len, lo, hi, qk_scale, softcap, window_left, window_right,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -195,26 +246,18 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
         base = tl.cast(start_n, tl.int64)
         kt_ptrs = K + base * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, N)
         v_ptrs = V + base * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd   # (N, D)
+        # -- compute qk --
         if MASKED:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None] & (cols[None, :] < k_len), other=0.0)
         elif BLOCK_D == HEAD_DIM:                                                         # no mask at all
             kt = tl.load(kt_ptrs)
         else:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale                         # (M, N), log2 units
-        if HAS_SOFTCAP:                                                                   # (softcap in log2 units)
-            qk = _softcap(qk, softcap)
-        if MASKED:
-            qk = tl.where(_visible(rows_pos, cols, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT),
-                          qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                          # empty so far
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        qk = tl.dot(q, kt, input_precision=PRECISION)                                    # (M, N), raw scores
+        # -- online softmax (exp2; scale, softcap, mask) --
+        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, rows_pos, cols, k_len, qk_scale, softcap, window_left,
+                                           window_right, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP)
+        # -- acc = acc * alpha + p v --
         if MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < k_len) & d_ok[None, :], other=0.0)
         elif BLOCK_D == HEAD_DIM:
@@ -222,7 +265,6 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -324,44 +366,46 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,
-                    cols, k_len, q_len, lo, hi, qk_scale, softcap, window_left, window_right,
+def _bwd_dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_qd, stride_dom, stride_dod,
+                    cols, k_len, q_len, start_m, qk_scale, softcap, window_left, window_right,
                     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """dk/dv += the contribution of query block [start_m, start_m + BLOCK_M) of one query head:
+    P^T = exp2(K Q^T c - lse), dV += P^T dO, dS^T = P^T * (V dO^T - delta), dK += dS^T Q (c = qk_scale)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m
-        row_ok = rows < q_len
-        base = tl.cast(start_m, tl.int64)
-        tile_ok = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + base * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=tile_ok, other=0.0)                                               # (M, D)
-        do = tl.load(DO + base * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=tile_ok, other=0.0)
-        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634        # empty row: p = 0
-        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale                  # (N, M), log2 units
-        if HAS_SOFTCAP:
-            st = _softcap(st, softcap)
+    rows = start_m + offs_m
+    row_ok = rows < q_len
+    base = tl.cast(start_m, tl.int64)
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + base * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=tile_ok, other=0.0)                                                   # (M, D)
+    do = tl.load(DO + base * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=tile_ok, other=0.0)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634            # empty row: p = 0
+    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    st = tl.dot(k, tl.trans(q), input_precision=PRECISION)                                 # (N, M), raw
+    if HAS_SOFTCAP:
+        st = _softcap(st * qk_scale, softcap)                                              # log2 units
         pt = tl.math.exp2(st - lse[None, :])
-        if MASKED:
-            pt = tl.where(_visible_t(rows + (k_len - q_len), cols, window_left, window_right, HAS_LEFT, HAS_RIGHT),
-                          pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)                   # (N, D)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)                           # (N, M)
-        dst = pt * (dpt - delta[None, :])
-        if HAS_SOFTCAP:                                   # d(cap * tanh(s / cap)) / ds = 1 - tanh**2
-            tt = st / softcap
-            dst = dst * (1.0 - tt * tt)
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)                     # (N, D)
+    else:
+        pt = tl.math.exp2(st * qk_scale - lse[None, :])                                    # one FMA
+    if MASKED:
+        pt = tl.where(_visible_t(rows + (k_len - q_len), cols, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                      pt, 0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)                       # (N, D)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)                               # (N, M)
+    dst = pt * (dpt - delta[None, :])
+    if HAS_SOFTCAP:                                   # d(cap * tanh(s / cap)) / ds = 1 - tanh**2
+        tt = st / softcap
+        dst = dst * (1.0 - tt * tt)
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)                         # (N, D)
     return dk, dv
 
 
-@triton.autotune(configs=_bwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN", "HAS_SOFTCAP"],
-                 prune_configs_by={"early_config_prune": _bwd_prune})
+@triton.autotune(configs=_bwd_configs("dkdv"), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN", "HAS_SOFTCAP"],
+                 prune_configs_by={"early_config_prune": _dkdv_prune})
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
@@ -398,24 +442,24 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     cols = n0 + offs_n
-    lo, full_lo, full_hi, hi = _q_range(n0, q_len, k_len, window_left, window_right,
-                                        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    lo, _, _, hi = _q_range(n0, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     q_row0 = q_start.to(tl.int64)
-    for g in range(0, group):                                   # the query heads sharing this kv head
+    # One pipelined loop over the (query head of the GQA group, query block) pairs: a loop over the group
+    # around three phase loops kept dk/dv, k, v and three loops' pipeline state live at once and spilled
+    # (static, sm_90: 3072 bytes at 32x128 w4). Every block applies the window mask (none without one).
+    n_blk = tl.cdiv(hi - lo, BLOCK_M)
+    for it in range(0, group * n_blk):
+        g = it // n_blk
+        start_m = lo + (it - g * n_blk) * BLOCK_M
         h64 = (off_hk * group + g).to(tl.int64)
         Qh = Q + b64 * stride_qb + q_row0 * stride_qm + h64 * stride_qh
         DOh = DO + b64 * stride_dob + q_row0 * stride_dom + h64 * stride_doh
         LSEh = LSE + b64 * stride_lb + h64 * stride_lh + q_row0
         DELTAh = DELTA + b64 * stride_lb + h64 * stride_lh + q_row0
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_qd, stride_dom, stride_dod,
-                                 cols, k_len, q_len, lo, full_lo, qk_scale, softcap, window_left, window_right,
-                                 True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_qd, stride_dom, stride_dod,
-                                 cols, k_len, q_len, full_lo, full_hi, qk_scale, softcap, window_left, window_right,
-                                 False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_qd, stride_dom, stride_dod,
-                                 cols, k_len, q_len, full_hi, hi, qk_scale, softcap, window_left, window_right,
-                                 True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+        dk, dv = _bwd_dkdv_block(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_qd, stride_dom, stride_dod,
+                                 cols, k_len, q_len, start_m, qk_scale, softcap, window_left, window_right,
+                                 HAS_LEFT or HAS_RIGHT, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                 PRECISION)
     dk *= sm_scale
     tl.store(DK + b64 * stride_dkb + k_row0 * stride_dkn + hk64 * stride_dkh
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=tile_ok)
@@ -461,7 +505,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, 
     return dq
 
 
-@triton.autotune(configs=_bwd_configs(), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN", "HAS_SOFTCAP"],
+@triton.autotune(configs=_bwd_configs("dq"), key=["BLOCK_D", "seq_bucket", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN", "HAS_SOFTCAP"],
                  prune_configs_by={"early_config_prune": _bwd_prune})
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dq_kernel(
@@ -643,6 +687,12 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or max_seqlen_q == 0:
         return out, lse.fill_(float("-inf"))
+    from . import flash_attention_tma      # (imported here: it imports this module)
+    if flash_attention_tma.use_for(q, k, v):                  # Hopper: TMA descriptors (same results)
+        return flash_attention_tma.attention_fwd_tma(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                     softmax_scale, window_left, window_right, softcap)
+    if softmax_scale < 0:      # the kernel folds a positive scale into exp2 (max(s * c) = max(s) * c for c >= 0)
+        q, softmax_scale = -q, -softmax_scale
     seqlen_q, seqlen_k = (0, 0) if varlen else (q.shape[1], k.shape[1])
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, n_seqs)  # noqa: E731
     _attn_fwd_kernel[grid](
@@ -704,8 +754,11 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max
 
 def chosen_configs() -> str:
     """The autotuned configs of the last launches (for benchmark output); 'not tuned yet' before any."""
+    from .flash_attention_tma import _attn_fwd_tma_kernel
+
     parts = []
-    for name, kernel in (("fwd", _attn_fwd_kernel), ("dkdv", _attn_bwd_dkdv_kernel), ("dq", _attn_bwd_dq_kernel)):
+    for name, kernel in (("fwd", _attn_fwd_kernel), ("fwd_tma", _attn_fwd_tma_kernel), ("dkdv", _attn_bwd_dkdv_kernel),
+                         ("dq", _attn_bwd_dq_kernel)):
         c = getattr(kernel, "best_config", None)
         if c is not None:
             parts.append(f"{name} M{c.kwargs['BLOCK_M']}/N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}")
