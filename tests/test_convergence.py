@@ -31,11 +31,11 @@ def _logprobs(model, ids):
 def test_our_kernels_train_like_the_reference(tmp_path, monkeypatch):
     from llama_triton.train import train
 
-    ours = train(_cfg(tmp_path / "ours", steps=STEPS, lr=LR, plot=False))
+    ours = train(_cfg(tmp_path / "ours", steps=STEPS, lr=LR, plot=False, eval_tokens=32))
     held = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
     lp_ours = _logprobs(ours.model, held)
     monkeypatch.setenv("LLAMA_TRITON_BACKEND", "torch")
-    ref = train(_cfg(tmp_path / "ref", steps=STEPS, lr=LR, plot=False))
+    ref = train(_cfg(tmp_path / "ref", steps=STEPS, lr=LR, plot=False, eval_tokens=32))
     lp_ref = _logprobs(ref.model, held)
     torch.testing.assert_close(torch.tensor(ours.losses), torch.tensor(ref.losses), rtol=1e-5, atol=1e-6)
     assert ours.losses[-1] < ours.losses[0]                       # it trains
@@ -57,6 +57,8 @@ def _hf_pair():
 
 
 def test_patched_transformers_model_trains_like_stock():
+    """hf.patch also installs the fused loss: in training with labels the patched model returns no logits
+    (and takes the Trainer's num_items_in_batch); unpatch restores the stock forward."""
     stock, patched = _hf_pair()
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, stock.config.vocab_size, (2, 12), generator=g) for _ in range(STEPS)]
@@ -65,15 +67,22 @@ def test_patched_transformers_model_trains_like_stock():
         opt = torch.optim.AdamW(m.parameters(), lr=LR, foreach=True)
         losses[name] = []
         for ids in batches:
-            loss = m(input_ids=ids, labels=ids).loss
-            loss.backward()
+            labels = ids.clone()
+            labels[0, :4] = -100
+            out = m(input_ids=ids, labels=labels, num_items_in_batch=(labels[:, 1:] != -100).sum())
+            assert (out.logits is None) == (name == "patched")
+            out.loss.backward()
             opt.step()
             opt.zero_grad()
-            losses[name].append(loss.item())
+            losses[name].append(out.loss.item())
     torch.testing.assert_close(torch.tensor(losses["patched"]), torch.tensor(losses["stock"]), rtol=1e-5, atol=1e-6)
     _assert_weights_agree(patched.named_parameters(), dict(stock.named_parameters()))
     ids = batches[0]
     torch.testing.assert_close(_logprobs(patched, ids), _logprobs(stock, ids), rtol=0, atol=1e-4)
+    from llama_triton import hf
+
+    hf.unpatch(patched)
+    assert "forward" not in vars(patched)
 
 
 def test_transformers_trainer_on_patched_model_matches_stock(tmp_path):
