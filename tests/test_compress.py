@@ -319,3 +319,14 @@ def test_cli_compress_default_model_is_the_embedded_trained_one():
     want = embedded.load_embedded()
     assert "embedded" in source
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+
+
+def test_cli_compress_refuses_calibration_windows_longer_than_the_model(tmp_path, monkeypatch, capsys):
+    from llama_triton import cli
+
+    monkeypatch.setenv("LLAMA_TRITON_BACKEND", "torch")
+    assert cli.main(["compress", "--method", "wanda", "--calib-samples", "1", "--calib-len", "4096",
+                     "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--calib-len" in err[0] and "2048" in err[0]
+    assert not (tmp_path / "w").exists()

@@ -68,6 +68,10 @@ def run(args, device: str) -> int:
     before_lin, before = report.model_size(model)
     batches = None
     if args.method in ("wanda", "asvd"):
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos and args.calib_len > max_pos:
+            raise UsageError(f"--calib-len {args.calib_len} is longer than the model's max_position_embeddings "
+                             f"{max_pos}")
         ids = tok.encode(_calibration_text(args.calib))
         batches = calibration.token_batches(ids, args.calib_samples, args.calib_len, batch_size=4, device=model.device)
         print(f"calibration: {args.calib_samples} windows of {args.calib_len} tokens from "
