@@ -403,8 +403,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, log=None) -> TrainResult
 
 
 def _finish(cfg, base, model, history, ppl, log) -> None:
-    if cfg.distributed == "fsdp":                         # the full weights are in the checkpoint
-        log("fsdp: the model is in checkpoint.pt (full state dict); model/ not written")
+    if cfg.distributed == "fsdp":          # the sharded model cannot save itself: a plain copy of the full state
+        from .model import LlamaForCausalLM
+
+        full = LlamaForCausalLM(base.config)
+        full.load_state_dict(torch.load(os.path.join(cfg.out_dir, "checkpoint.pt"), map_location="cpu",
+                                        weights_only=False)["model"])
+        full.save_pretrained(os.path.join(cfg.out_dir, "model"))
     else:
         _inner(model).save_pretrained(os.path.join(cfg.out_dir, "model"))
     summary = {"steps": len(history["losses"]), "tokens": history["tokens"], "seconds": round(history["seconds"], 1),

@@ -38,6 +38,7 @@ def test_ddp_and_fsdp2_on_two_processes_match_one(tmp_path, monkeypatch):
         assert weights.keys() == ref_weights.keys()
         for name, w in ref_weights.items():
             torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5, msg=f"{mode} {name}")
+        assert (tmp_path / mode / "model" / "model.safetensors").exists()
 
 
 def test_fsdp2_sharded_parameters_reach_our_kernels(tmp_path):
