@@ -87,7 +87,8 @@ def cmd_demo(args) -> int:
     _select_runtime()
     from . import demo
 
-    return demo.run(prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return demo.run(prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                    random_weights=args.random_weights)
 
 
 def _load_model(args):
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="Once upon a time")
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--random-weights", action="store_true",
+                   help="random weights (seed) instead of the embedded trained model")
     d.set_defaults(func=cmd_demo)
     g = sub.add_parser("generate", help="generate text from a HF-format model directory")
     _model_args(g)
