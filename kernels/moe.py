@@ -580,15 +580,23 @@ def moe_experts_bwd(dout, x, gate_up_proj, down_proj, topk_ids, topk_weights, so
     def grid(n):
         return lambda meta: (n_blocks, triton.cdiv(n, meta["BLOCK_N"]))
 
-    # -- g = dout[t] @ down_proj[e] with the swiglu-backward epilogue: dgu, dw partials
-    _gemm[grid(inter)](
+    # -- g = dout[t] @ down_proj[e] with the swiglu-backward epilogue: dgu, dw partials. The N-tile count that
+    # lays out dw_ws comes from this launch's own grid call (the autotuner calls it last with the config it
+    # runs), never from the shared `_gemm.best_config`: autograd runs each GPU's backward in its own thread
+    tiles = []
+
+    def bwd_grid(meta):
+        tiles.append(triton.cdiv(inter, meta["BLOCK_N"]))
+        return (n_blocks, tiles[-1])
+
+    _gemm[bwd_grid](
         dout, down_proj, sorted_ids, block_expert, npost, tw, dgu, gu, dw_ws,
         S, inter, H, top_k, sb,
         dout.stride(0), dout.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
         dgu.stride(0), gu.stride(0),
         A_BY_TOKEN=True, HAS_WEIGHT=True, SWIGLU_BWD=True, BLOCK_M=bm,
     )
-    n_tiles = triton.cdiv(inter, _gemm.best_config.kwargs["BLOCK_N"])
+    n_tiles = tiles[-1]
     # the kernel wrote dw_ws as (S, n_tiles) row-major (row stride = the grid's N-tile count)
     combine(dw_ws.view(-1)[: S * n_tiles].view(S * n_tiles, 1), S, n_tiles, dtw.view(S, 1))
     # -- dx = sum_k dgu[s] @ gate_up_proj[e]: gate_up_proj[e] (2I, H) is already the (K, N) operand

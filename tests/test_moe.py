@@ -349,3 +349,33 @@ def test_moe_presets_and_bad_config():
         LlamaConfig(model_type="mixtral", num_local_experts=4, num_experts_per_tok=5)
     with pytest.raises(ValueError, match="model_type"):
         LlamaConfig(model_type="llama", num_experts=4)
+
+
+def test_backward_does_not_read_the_autotuners_shared_best_config(monkeypatch):
+    """The routing-weight gradient's partial sums are laid out by the N tiles of the launch that wrote them.
+    Autograd runs each GPU's backward in its own thread, so another MoE layer's launch may change the
+    autotuner's shared ``best_config`` in between: the backward must use its own launch's tile size."""
+    import triton
+
+    torch.manual_seed(0)
+    x, gu, dn, ids, w = SPEC.make_inputs(_shape(5, 4, 2, inter=40), torch.float32, "cpu")
+    real = K._gemm
+
+    class OtherThreadLaunches:                         # after each launch, "another thread" tunes BLOCK_N=64
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                real[grid](*args, **kwargs)
+                real.best_config = triton.Config({"BLOCK_N": 64, "BLOCK_K": 32})
+            return launch
+
+    def grads(gemm):
+        monkeypatch.setattr(K, "_gemm", gemm)
+        wr = w.clone().requires_grad_()
+        moe_experts(x, gu, dn, ids, wr).square().sum().backward()
+        return wr.grad
+
+    want = grads(real)
+    torch.testing.assert_close(grads(OtherThreadLaunches()), want, rtol=0, atol=0)
