@@ -687,12 +687,13 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or max_seqlen_q == 0:
         return out, lse.fill_(float("-inf"))
+    if softmax_scale < 0:      # the kernels fold a positive scale into exp2 (max(s * c) = max(s) * c for c >= 0)
+        q, softmax_scale = -q, -softmax_scale
     from . import flash_attention_tma      # (imported here: it imports this module)
     if flash_attention_tma.use_for(q, k, v):                  # Hopper: TMA descriptors (same results)
-        return flash_attention_tma.attention_fwd_tma(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                     softmax_scale, window_left, window_right, softcap)
-    if softmax_scale < 0:      # the kernel folds a positive scale into exp2 (max(s * c) = max(s) * c for c >= 0)
-        q, softmax_scale = -q, -softmax_scale
+        flash_attention_tma.launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                       softmax_scale, window_left, window_right, softcap)
+        return out, lse
     seqlen_q, seqlen_k = (0, 0) if varlen else (q.shape[1], k.shape[1])
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, n_seqs)  # noqa: E731
     _attn_fwd_kernel[grid](

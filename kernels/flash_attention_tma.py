@@ -46,7 +46,7 @@ def supports(q, k, v) -> bool:
 def use_for(q, k, v) -> bool:
     """Selected by flash_attention.attention_fwd: a CUDA sm_90+ device, a Triton with descriptors, inputs it
     supports, and LLAMA_TRITON_FLASH_FWD not "portable" (the interpreter runs this kernel too, but only when
-    a caller asks: tests call attention_fwd_tma)."""
+    a caller asks: tests force use_for)."""
     if os.environ.get("LLAMA_TRITON_FLASH_FWD", "auto") == "portable":
         return False
     if not (q.is_cuda and available() and supports(q, k, v)):
@@ -170,20 +170,14 @@ def _attn_fwd_tma_kernel(
     tl.store(LSE + offs_m, lse, mask=(m0 + offs_m) < q_len)
 
 
-def attention_fwd_tma(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                      softmax_scale: float, window_left: int, window_right: int, softcap: float = 0.0):
-    """Like flash_attention.attention_fwd (same arguments, same results), through tensor descriptors.
-    Trusts its caller (attention_fwd validated; `supports(q, k, v)` holds). -> out (q's shape, contiguous), lse."""
+def launch_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+               softmax_scale: float, window_left: int, window_right: int, softcap: float = 0.0) -> None:
+    """Fills out/lse like flash_attention.attention_fwd's portable launch, through tensor descriptors. Called by
+    attention_fwd (which validated, allocated out (q's shape) and lse, and made softmax_scale >= 0) when
+    `use_for(q, k, v)`."""
     varlen = cu_seqlens_q is not None
     heads, head_dim, heads_kv = q.shape[-2], q.shape[-1], k.shape[-2]
     n_seqs = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse_shape = (heads, q.shape[0]) if varlen else (q.shape[0], heads, q.shape[1])
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or max_seqlen_q == 0:
-        return out, lse.fill_(float("-inf"))
-    if softmax_scale < 0:      # the kernel folds a positive scale into exp2 (max(s * c) = max(s) * c for c >= 0)
-        q, softmax_scale = -q, -softmax_scale
     if q.is_cuda:
         _ensure_allocator()
     seqlen_q, seqlen_k = (0, 0) if varlen else (q.shape[1], k.shape[1])
@@ -197,4 +191,3 @@ def attention_fwd_tma(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HEAD_DIM=head_dim,
     )
-    return out, lse
