@@ -78,10 +78,11 @@ def public_op(autocast: str = "keep", promote=None, like=None, keep=()):
 
     def deco(fn):
         sig = inspect.signature(fn)
+        first_name = next(iter(sig.parameters))       # the op's main tensor, also when passed by keyword
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            first = args[0] if args else next(iter(kwargs.values()), None)
+            first = args[0] if args else kwargs.get(first_name)
             with device_guard(first):
                 if not amp.enabled(first):
                     return fn(*args, **kwargs)

@@ -203,3 +203,15 @@ def test_autocast_rules_trace_under_torch_compile():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     with torch.autocast("cpu", dtype=F16):
         torch.testing.assert_close(compiled(x, w, r), f(x, w, r), rtol=0, atol=0)
+
+
+def test_autocast_rule_applies_to_keyword_calls():
+    """The rule keys on the op's first parameter, wherever the caller puts it: a keyword call whose first
+    keyword is not a tensor (here `reduction`) must still be cast (it raised under autocast, issue 11's
+    FLCE reproducer)."""
+    fn = llama_triton.fused_linear_cross_entropy
+    x, w, y = _r(8, 16, grad=False), _r(32, 16), _labels(8, 32)
+    with torch.autocast("cpu", dtype=F16):
+        want = fn(x, w, y, reduction="mean")
+        got = fn(reduction="mean", labels=y, lm_head_weight=w, hidden=x)
+    _assert_same([got], [want], "loss")
