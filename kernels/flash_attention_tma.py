@@ -54,24 +54,21 @@ def use_for(q, k, v) -> bool:
     return torch.cuda.get_device_capability(q.device)[0] >= 9
 
 
-_ALLOCATOR_SET = False
+def _torch_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")   # the launch runs under the tensors' device guard
 
 
 def _ensure_allocator() -> None:
     """Device-side descriptors live in a per-launch global scratch buffer that Triton asks an allocator for;
-    install a torch one unless the user already set one (checked through Triton's private state when it exists)."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET:
-        return
+    install a torch one unless one is set in this context (Triton keeps it in a ContextVar: per thread, so
+    this is checked at every launch; through Triton's private state where it exists, else always set)."""
     try:
         from triton.runtime import _allocation
-        current = _allocation._allocator.get()
-        user_set = not isinstance(current, _allocation.NullAllocator)
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
     except (ImportError, AttributeError):
-        user_set = False
-    if not user_set:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    _ALLOCATOR_SET = True
+        pass
+    triton.set_allocator(_torch_alloc)
 
 
 def _configs():

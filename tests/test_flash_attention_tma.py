@@ -99,3 +99,20 @@ def test_descriptor_forward_static_sm90_tma_no_spills():
     bad = [r for r in rows if r[5:7] != ["0", "0"] or r[7] != "True" or r[8] != "False" or "wgmma" not in r[9]
            or r[10] != "True"]
     assert not bad, "config, warps, stages, registers, spill st/ld, tma, cp.async, dot, fits:\n" + "\n".join(map(str, bad))
+
+
+def test_allocator_is_installed_only_where_none_is_set():
+    """Device-side descriptors need triton.set_allocator: ours goes in when none is set, a user's stays."""
+    from triton.runtime import _allocation
+
+    saved = _allocation._allocator.get()
+    try:
+        _allocation._allocator.set(_allocation.NullAllocator())
+        tma._ensure_allocator()
+        assert _allocation._allocator.get() is tma._torch_alloc
+        mine = lambda size, align, stream: None  # noqa: E731
+        _allocation._allocator.set(mine)
+        tma._ensure_allocator()
+        assert _allocation._allocator.get() is mine
+    finally:
+        _allocation._allocator.set(saved)
