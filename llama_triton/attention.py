@@ -89,6 +89,24 @@ def _masked_dense(q, k, v, mask, scale):
     return (probs @ vf).transpose(1, 2).to(q.dtype)
 
 
+def _packed_cu_seqlens(module, q, k, kwargs):
+    """int32 (n + 1,) offsets of packed documents in a no-cache forward, or None: transformers' flash kwargs
+    ``cu_seq_lens_q`` when given, else (training only: it costs a host sync) derived from ``position_ids``
+    that restart at 0 inside the row, as transformers' flash-attention path does."""
+    if q.shape[1] != k.shape[1]:
+        return None
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        return cu.to(device=q.device, dtype=torch.int32)
+    pos = kwargs.get("position_ids")
+    if pos is None or q.shape[0] != 1 or not getattr(module, "training", False):
+        return None
+    starts = (pos.reshape(-1) == 0).nonzero().squeeze(1)
+    if starts.numel() <= 1 or int(starts[0]) != 0:
+        return None
+    return F.pad(starts, (0, 1), value=q.shape[1]).to(torch.int32)
+
+
 def hf_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                          sliding_window=None, **kwargs):
     """transformers AttentionInterface function: query (b, h, sq, d), key/value (b, h_kv, sk, d) ->
@@ -118,6 +136,13 @@ def hf_attention_forward(module, query, key, value, attention_mask, scaling=None
     decode = causal and sq <= DECODE_MAX_Q_LEN and not (
         torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     if attention_mask is None:
+        cu = _packed_cu_seqlens(module, q, k, kwargs)
+        if cu is not None:          # packed documents (transformers' DataCollatorWithFlattening): varlen
+            out = flash_attention(q.reshape(b * sq, h, d), k.reshape(b * sq, -1, d), v.reshape(b * sq, -1, d),
+                                  causal=causal, softmax_scale=scaling, window_size=win, cu_seqlens_q=cu,
+                                  cu_seqlens_k=cu, max_seqlen_q=kwargs.get("max_length_q"),
+                                  max_seqlen_k=kwargs.get("max_length_q"))
+            return out.view(b, sq, h, d), None
         if decode:
             return decode_attention(q, k, v, padding.full_lengths(b, k.shape[1], q.device), softmax_scale=scaling,
                                     window_size=win), None

@@ -218,8 +218,9 @@ class Attention(nn.Module):
             v = v.transpose(1, 2)                                                    # (b, h_kv, s, d)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+            packed = {n: kwargs[n] for n in ("cu_seq_lens_q", "max_length_q") if n in kwargs}   # flattened docs
             out, _ = hf_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling,
-                                          sliding_window=self.sliding_window)
+                                          sliding_window=self.sliding_window, position_ids=position_ids, **packed)
         return self.o_proj(out.reshape(b, s, -1)), None                              # (b, s, hidden)
 
     def _qkv(self, x):

@@ -102,3 +102,22 @@ def test_transformers_trainer_on_patched_model_matches_stock(tmp_path):
         logs[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(logs["patched"]) == 2
     torch.testing.assert_close(torch.tensor(logs["patched"]), torch.tensor(logs["stock"]), rtol=1e-4, atol=1e-5)
+
+
+def test_patched_model_packed_documents_like_one_by_one():
+    """transformers' DataCollatorWithFlattening packs documents into one row with position_ids restarting
+    (and, with return_flash_attn_kwargs, cu_seq_lens_q): a patched model in training keeps them apart
+    (varlen attention), so its loss equals the stock model's over the documents run one by one."""
+    stock, patched = _hf_pair()
+    g = torch.Generator().manual_seed(4)
+    docs = [torch.randint(0, stock.config.vocab_size, (n,), generator=g) for n in (5, 7)]
+    ids = torch.cat(docs)[None]
+    pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    labels = ids.clone()
+    labels[0, len(docs[0])] = -100                        # the collator's separator: no cross-document target
+    n = (labels[:, 1:] != -100).sum()
+    stock_sum = sum(stock(input_ids=d[None], labels=d[None], num_items_in_batch=n).loss for d in docs)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    for kw in ({}, {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 7, "max_length_k": 7}):
+        loss = patched(input_ids=ids, labels=labels, position_ids=pos, num_items_in_batch=n, **kw).loss
+        torch.testing.assert_close(loss, stock_sum, rtol=1e-5, atol=1e-6)
