@@ -1,5 +1,6 @@
 """Flash attention vs torch SDPA (its default backend, and forced to cuDNN), and flash-attn's flash_attn_func
-when the flash-attn package is installed, forward and backward, in one run.
+when the flash-attn package is installed, forward and backward, in one run; on Hopper also our portable
+forward (LLAMA_TRITON_FLASH_FWD=portable) next to the TMA one that "ours" selects.
 
     python benchmarks/bench_attention.py [--dtype bfloat16] [--head-dim 128] [--tokens 16384] [--heads 16]
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -46,6 +48,22 @@ def _flash_attn():
     return flash_attn_func
 
 
+def _portable(fn):
+    """fn with the portable forward forced (LLAMA_TRITON_FLASH_FWD=portable): the Hopper TMA path vs the
+    pointer-load kernel in the same run (the backward is the same kernels either way)."""
+    def run(*args):
+        saved = os.environ.get("LLAMA_TRITON_FLASH_FWD")
+        os.environ["LLAMA_TRITON_FLASH_FWD"] = "portable"
+        try:
+            return fn(*args)
+        finally:
+            if saved is None:
+                del os.environ["LLAMA_TRITON_FLASH_FWD"]
+            else:
+                os.environ["LLAMA_TRITON_FLASH_FWD"] = saved
+    return run
+
+
 def _fwd_bwd(fn, args):
     args = [a.detach().requires_grad_() for a in args]
     fwd = lambda: fn(*args)  # noqa: E731
@@ -73,6 +91,7 @@ def run(dtype=torch.bfloat16, head_dim=128, tokens=16384, heads=16, seqlens=(512
                 "sdpa": (lambda q, k, v: sdpa(q, k, v, is_causal=causal),
                          tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))),
             }
+            impls["ours_portable"] = (_portable(impls["ours"][0]), (q, k, v))   # = "ours" off Hopper
             if cudnn is not None:
                 impls["sdpa_cudnn"] = (lambda q, k, v: cudnn(q, k, v, causal), impls["sdpa"][1])
             if fa is not None:                      # flash-attn's own layout is ours: (b, s, h, d)
@@ -108,8 +127,8 @@ def run(dtype=torch.bfloat16, head_dim=128, tokens=16384, heads=16, seqlens=(512
              f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; TFLOP/s = 4bhs^2d (/2 causal), "
              "bwd 2.5x; `triton.testing.do_bench` medians.", "",
              "| causal | batch x seqlen | fwd ours | fwd sdpa | ratio | bwd ours | bwd sdpa | ratio | fwd / bwd "
-             "sdpa cuDNN | fwd / bwd flash-attn | config |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "sdpa cuDNN | fwd / bwd flash-attn | fwd ours portable | config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def pair(t, name):
         return f"{t[name + '_fwd']:.1f} / {t[name + '_bwd']:.1f}" if name + "_fwd" in t else "n/a"
@@ -118,7 +137,7 @@ def run(dtype=torch.bfloat16, head_dim=128, tokens=16384, heads=16, seqlens=(512
         lines.append(f"| {r['causal']} | {r['batch']} x {r['seqlen']} | {t['ours_fwd']:.1f} | {t['sdpa_fwd']:.1f} | "
                      f"{t['ours_fwd'] / t['sdpa_fwd']:.2f}x | {t['ours_bwd']:.1f} | {t['sdpa_bwd']:.1f} | "
                      f"{t['ours_bwd'] / t['sdpa_bwd']:.2f}x | {pair(t, 'sdpa_cudnn')} | {pair(t, 'flash_attn')} | "
-                     f"{r['config']} |")
+                     f"{t.get('ours_portable_fwd', float('nan')):.1f} | {r['config']} |")
     (out_dir / "attention.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out_dir / 'attention.md'}")
     return rows
