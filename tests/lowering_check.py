@@ -9,11 +9,13 @@ config in bf16 and for their first config in fp16. This catches what the interpr
 type errors, unsupported ops, bad layouts, and kernels whose shared memory exceeds an H100's 227 KiB (fatal for a kernel that is not autotuned).
 
 Prints one line per compiled kernel signature and `LOWERING OK <n>` at the end; exits 1 on any failure.
-Usage: python tests/lowering_check.py [op_name ...]. Tests that compile kernel variants the registry does
+Usage: python tests/lowering_check.py [--inspect-json PATH] [op_name ...] (with --inspect-json, also the
+static inspection that tests/test_static_gates.py asserts on: `inspect_registry`). Tests that compile kernel variants the registry does
 not reach call `run_snippet(code)`: `code` runs in a fresh process after `install()`, as `L`.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,10 +54,9 @@ def install() -> None:
     compiled = capture.compiled
 
 
-def run_snippet(code: str = "", args=(), timeout: int = 1500) -> str:
-    """From a test (any process): run `code` in a fresh Python without the interpreter, after `install()`
-    with this module imported as `L` (or, with no code, the whole registry check with `args` as op names).
-    Skips when this Triton cannot compile for NVIDIA; fails with the output unless it prints LOWERING OK."""
+def _run(cmd_args, code: str = "", timeout: int = 1500) -> subprocess.CompletedProcess:
+    """Run this module as a script with `cmd_args` (or, with `code`, `code` after `install()` with this module
+    imported as `L`) in a fresh Python without the interpreter. Skips when Triton cannot compile for NVIDIA."""
     import pytest
 
     try:
@@ -66,15 +67,67 @@ def run_snippet(code: str = "", args=(), timeout: int = 1500) -> str:
         pytest.skip(f"this Triton cannot compile for NVIDIA here: {e}")
     here = Path(__file__).resolve()
     prelude = f"import sys\nsys.path.insert(0, {str(here.parent)!r})\nimport lowering_check as L\nL.install()\n"
-    cmd = [sys.executable, "-c", prelude + code] if code else [sys.executable, str(here), *args]
+    cmd = [sys.executable, "-c", prelude + code] if code else [sys.executable, str(here), *cmd_args]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_snippet(code: str = "", args=(), timeout: int = 1500) -> str:
+    """From a test (any process): run `code` in a fresh Python without the interpreter, after `install()`
+    with this module imported as `L` (or, with no code, the whole registry check with `args` as op names).
+    Skips when this Triton cannot compile for NVIDIA; fails with the output unless it prints LOWERING OK."""
+    r = _run(args, code, timeout)
     assert r.returncode == 0 and "LOWERING OK" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
     return r.stdout
 
 
-def main(names) -> int:
+_registry_run = None
+
+
+def registry_check():
+    """The whole registry check plus the static inspection (inspect_registry), run once per test session and
+    shared by tests/test_lowering.py and tests/test_static_gates.py: (process, {"rows": [KernelRow],
+    "failures": {op: traceback}})."""
+    global _registry_run
+    if _registry_run is None:
+        import tempfile
+
+        from llama_triton.inspect import KernelRow
+
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "inspect.json")
+            r = _run(["--inspect-json", path])
+            data = {"rows": [], "failures": {"(all)": "the check did not write its JSON"}}
+            if os.path.exists(path):
+                with open(path) as f:
+                    data = json.load(f)
+                data["rows"] = [KernelRow.from_dict(row) for row in data["rows"]]
+        _registry_run = (r, data)
+    return _registry_run
+
+
+def inspect_registry(path: str, specs) -> None:
+    """The static gates' data: every op at llama_triton.inspect's "model" shapes (Llama-3-8B dimensions at
+    a few tokens), bf16, forward and backward, every autotune config, compiled for sm_90; the rows and the
+    ops that failed (with their traceback) go to `path` as JSON."""
+    from dataclasses import asdict
+
+    from llama_triton.inspect import inspect_ops
+
+    rows, failures = [], {}
+    for spec in specs:
+        print(f"inspect {spec.name} (model shapes, bfloat16)")
+        try:
+            rows += inspect_ops(spec.name, shape="model", dtype="bfloat16", arch="sm_90", configs="all")
+        except Exception:
+            failures[spec.name] = traceback.format_exc()[-4000:]
+            print(f"INSPECT FAILED {spec.name}:\n{failures[spec.name]}")
+    with open(path, "w") as f:
+        json.dump({"rows": [asdict(r) for r in rows], "failures": failures}, f)
+
+
+def main(names, inspect_json=None) -> int:
     install()
     from llama_triton import registry, testing
 
@@ -100,8 +153,14 @@ def main(names) -> int:
                 failures += 1
                 print(f"FAILED {spec.name} {dtype}:\n{traceback.format_exc()}")
     print(f"LOWERING {'OK' if not failures else 'FAILED'} {len(compiled)} kernels")
+    if inspect_json:
+        inspect_registry(inspect_json, specs)
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    argv = sys.argv[1:]
+    json_path = None
+    if argv[:1] == ["--inspect-json"]:
+        json_path, argv = argv[1], argv[2:]
+    sys.exit(main(argv, json_path))

@@ -8,4 +8,5 @@ import lowering_check
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are compiled and run by the other tests")
 def test_every_registry_kernel_lowers_to_sm90():
-    lowering_check.run_snippet()
+    r, _ = lowering_check.registry_check()  # one run per session, shared with tests/test_static_gates.py
+    assert r.returncode == 0 and "LOWERING OK" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
