@@ -429,3 +429,12 @@ def test_model_head_dims_lower_to_sm90_without_a_gpu():
     for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
         assert f"compiled {name}" in stdout and "HEAD_DIM=256" in stdout, stdout
     assert "IS_VARLEN=True" in stdout and "HAS_LEFT=True" in stdout, stdout
+
+
+def test_autotune_length_buckets_are_coarse():
+    """A growing context re-tunes at most twice (< 2k, < 16k, longer), not at every power of two."""
+    from llama_triton.kernels import flash_attention as K
+
+    buckets = [K._seq_bucket(n) for n in range(1, 70000, 97)]
+    assert sorted(set(buckets)) == [0, 1, 2] and buckets == sorted(buckets)
+    assert K._seq_bucket(2047) == 0 and K._seq_bucket(2048) == K._seq_bucket(16383) == 1 and K._seq_bucket(16384) == 2
