@@ -251,7 +251,8 @@ def legacy_expert_plan(names) -> dict:
             plan[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = [[name]]
     for layer, experts in found.items():
         n = max(experts) + 1
-        parts = next(p for p in _LEGACY_PARTS.values() if p[0] in experts[min(experts)])
+        seen = {part for names in experts.values() for part in names}
+        parts = next(p for p in _LEGACY_PARTS.values() if seen & set(p))          # the family's naming
         missing = [f"{layer}...experts.{e}.{p}" for e in range(n) for p in parts if p not in experts.get(e, {})]
         if missing:
             raise ValueError(f"checkpoint experts are incomplete: missing {', '.join(missing[:4])}")

@@ -388,3 +388,13 @@ def test_backward_does_not_read_the_autotuners_shared_best_config(monkeypatch):
 
     want = grads(real)
     torch.testing.assert_close(grads(OtherThreadLaunches()), want, rtol=0, atol=0)
+
+
+def test_incomplete_per_expert_checkpoint_names_what_is_missing():
+    """A hub checkpoint whose first expert lacks its gate projection: a ValueError naming the missing tensors
+    (it was a bare StopIteration)."""
+    from llama_triton.moe import legacy_expert_plan
+
+    with pytest.raises(ValueError, match=r"missing .*experts\.0\.w1"):
+        legacy_expert_plan(["model.layers.0.block_sparse_moe.experts.0.w2.weight",
+                            "model.layers.0.block_sparse_moe.experts.0.w3.weight"])
