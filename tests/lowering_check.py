@@ -48,8 +48,9 @@ def install() -> None:
     from llama_triton.inspect import capture as _capture
 
     global _active
+    # target_paths=False: the portable kernels compile too (the TMA forward has its own test)
     _active = _capture("sm_90", configs=lambda: "all" if all_configs else "first", strict=True,
-                       on_compile=_print_compiled)  # kept referenced: active for the rest of the process
+                       on_compile=_print_compiled, target_paths=False)  # kept referenced: active from now on
     capture = _active.__enter__()
     compiled = capture.compiled
 

@@ -225,12 +225,31 @@ def _tuning_key(tuner, named: dict) -> tuple:
 _ACTIVE: list = []
 
 
+def _target_paths(target: Target) -> list:
+    """Launchers that pick a kernel by the device they run on see CPU tensors here: make them pick what the
+    target would. Returns (module, name, saved) to restore. Today: flash attention's TMA forward on sm_90+."""
+    import importlib
+
+    patches = []
+    if target.capability >= 90:
+        try:
+            tma = importlib.import_module("llama_triton.kernels.flash_attention_tma")
+        except ImportError:
+            tma = None
+        if tma is not None and hasattr(tma, "use_for") and hasattr(tma, "supports") and tma.available():
+            patches.append((tma, "use_for", tma.use_for))
+            tma.use_for = tma.supports
+    return patches
+
+
 @contextlib.contextmanager
-def capture(arch: str = "sm_90", configs="all", strict: bool = False, sass: bool = False, on_compile=None):
+def capture(arch: str = "sm_90", configs="all", strict: bool = False, sass: bool = False, on_compile=None,
+            target_paths: bool = True):
     """Within the block, kernel launches compile for `arch` (see the module docstring) and launch nothing;
     yields the Capture whose `.rows` fill up. Needs real JITFunctions: TRITON_INTERPRET must not be set
     when the kernels are defined (from pytest, use inspect_code / inspect_ops, which use a fresh process).
-    CPU tensors are fine: the backend is told to send every op to Triton."""
+    CPU tensors are fine: the backend is told to send every op to Triton. `target_paths`: launchers that
+    choose a kernel by the device choose what the target would run (the TMA flash forward on sm_90)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
@@ -249,9 +268,12 @@ def capture(arch: str = "sm_90", configs="all", strict: bool = False, sass: bool
     # would compute wrongly and the backend therefore sends to the reference)
     backend.triton_can_run = lambda device: True
     backend.use_triton = lambda tensor: True
+    patches = _target_paths(cap.target) if target_paths else []
     try:
         yield cap
     finally:
+        for module, name, value in reversed(patches):
+            setattr(module, name, value)
         _ACTIVE.pop()
         if not _ACTIVE:
             JITFunction.run, Autotuner.run, backend.triton_can_run, backend.use_triton = saved
