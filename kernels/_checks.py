@@ -67,7 +67,7 @@ def check_residual(residual, x):
 
 
 def check_eps(eps):
-    if not isinstance(eps, (int, float)) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):   # nan too
         got = (f"a Tensor of shape {tuple(eps.shape)}" if isinstance(eps, torch.Tensor)
                else repr(eps) if isinstance(eps, (int, float)) else f"a {type(eps).__name__}")
         raise ValueError(f"eps must be a non-negative float, got {got}")

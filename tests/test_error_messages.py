@@ -36,3 +36,11 @@ def test_rope_flash_layout_error_names_unsqueeze_dim():
         llama_triton.apply_rotary_pos_emb(q, k, cos, sin)
     qe, ke = llama_triton.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
     assert qe.shape == q.shape and ke.shape == k.shape
+
+
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), True])
+def test_non_finite_or_bool_eps_is_refused(eps):
+    """eps=nan gave an all-NaN output silently (nan < 0 is False); inf gave zeros; a bool is no float."""
+    x, w = torch.randn(2, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="eps must be a non-negative"):
+        llama_triton.rms_norm(x, w, eps=eps)
