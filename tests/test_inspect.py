@@ -119,6 +119,18 @@ def test_autotune_configs_after_the_prune(sm90):
     assert all(r.autotuned for r in tuned) and not sm90["vec_copy"].autotuned
 
 
+def test_chosen_config_mode():
+    """configs="chosen" (benchmarks on a GPU): only the config the autotuner has on record for these arguments."""
+    code = _SYNTHETIC.split("def dots():")[0] + (
+        "x = torch.empty(4096, dtype=torch.float16)\n"
+        "tuned_copy.cache[(4096, 'torch.float16', 'torch.float16')] = tuned_copy.configs[1]\n"
+        "tuned_copy[lambda meta: (triton.cdiv(4096, meta['BLOCK']),)](x, torch.empty_like(x), 4096)\n"
+        "vec_copy[(4,)](x, torch.empty_like(x), 4096, BLOCK=1024)\n")
+    rows = inspect_code(code, configs="chosen")
+    assert [(r.kernel, r.config, r.chosen) for r in rows] == [("tuned_copy", "BLOCK=1024", True),
+                                                              ("vec_copy", "BLOCK=1024", True)], rows
+
+
 def test_sm80_has_no_wgmma():
     rows = inspect_code(_SYNTHETIC.replace("ONLY_DOTS", "True"), arch="sm_80")
     assert [r.dot for r in rows] == ["mma.sync", "mma.sync"] and {r.sms for r in rows} == {108}, rows
