@@ -19,7 +19,7 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.4", "numpy", "einops", "safetensors"],
     extras_require={
         "hf": ["transformers>=5.0"],
-        "test": ["pytest", "transformers>=5.0"],
+        "test": ["pytest", "transformers>=5.0", "accelerate"],   # accelerate: transformers' Trainer (one test)
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["llama-triton=llama_triton.cli:main"]},

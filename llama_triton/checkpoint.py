@@ -129,6 +129,12 @@ def load_pretrained(path, dtype=None, device=None, strict: bool = True):
     unexpected = sorted(n for n in set(ckpt_shapes) - set(expected) if not (tied and n == "lm_head.weight"))
     mis_shaped = sorted(f"{n}: checkpoint {ckpt_shapes[n]} vs model {expected[n]}"
                         for n in set(expected) & set(ckpt_shapes) if ckpt_shapes[n] != expected[n])
+    float_params = {n for n, p in model.named_parameters() if p.is_floating_point()}
+    mis_typed = sorted(f"{n} ({files[n]}): {ckpt_dtypes[n]}, the parameter is floating point"
+                       for n in float_params & set(ckpt_dtypes) if not ckpt_dtypes[n].startswith(("F", "BF")))
+    if mis_typed:                # an integer tensor would load silently (copy_ converts): never allowed
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} has integer tensors for float parameters: "
+                              + ", ".join(mis_typed))
     if strict and (missing or unexpected or mis_shaped):
         lines = [f"checkpoint {os.fspath(path)!r} does not match {config.model_type} config:"]
         for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
@@ -143,12 +149,6 @@ def load_pretrained(path, dtype=None, device=None, strict: bool = True):
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()                                          # to_empty un-ties shared parameters
     params = dict(model.named_parameters())
-    float_params = {n for n, p in model.named_parameters() if p.is_floating_point()}
-    mis_typed = sorted(f"{n} ({files[n]}): {ckpt_dtypes[n]}, the parameter is floating point"
-                       for n in float_params & set(ckpt_dtypes) if not ckpt_dtypes[n].startswith(("F", "BF")))
-    if mis_typed:                # an integer tensor would load silently (copy_ converts): never allowed
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r} has integer tensors for float parameters: "
-                              + ", ".join(mis_typed))
     with torch.no_grad():
         for fn, names in by_file.items():
             with _safe_open(fn, device="cpu") as f:

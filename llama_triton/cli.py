@@ -96,6 +96,8 @@ def _load_model(args):
     device = _select_runtime()
     from .model import LlamaConfig, LlamaForCausalLM
 
+    from .checkpoint import CheckpointError
+
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     if getattr(args, "model", None):
         if not os.path.isdir(args.model):
@@ -115,8 +117,6 @@ def _load_model(args):
 def cmd_generate(args) -> int:
     _select_runtime()                         # before anything imports triton
     import time
-
-    from .checkpoint import CheckpointError
 
     from .tokenizer import tokenizer_for_model
 
@@ -149,9 +149,15 @@ def cmd_eval(args) -> int:
     from .evaluate import perplexity
     from .tokenizer import tokenizer_for_model
 
+    if not os.path.isfile(args.text):              # before the (slow) model load
+        raise UserError(f"--text {args.text}: no such file")
     model = _load_model(args)
+    try:
+        tok = tokenizer_for_model(args.model, model.config)
+    except ValueError as e:
+        raise UserError(str(e)) from e
     with open(args.text, encoding="utf-8") as f:
-        ids = load_tokenizer(args.model).encode(f.read())
+        ids = tok.encode(f.read())
     bars = {}
 
     def progress(done, total):
@@ -160,13 +166,7 @@ def cmd_eval(args) -> int:
     res = perplexity(model, ids, max_length=args.max_length, stride=args.stride, progress=progress)
     print(f"perplexity {res.ppl:.4f} (nll {res.nll:.4f} nats/token) over {res.tokens} tokens, {res.windows} "
           f"windows of {args.max_length}; {res.tokens_per_s:.1f} tokens/s ({res.seconds:.2f} s)")
-    if not os.path.isfile(args.text):              # before the (slow) model load
-        raise UserError(f"--text {args.text}: no such file")
     return 0
-    try:
-        tok = tokenizer_for_model(args.model, model.config)
-    except ValueError as e:
-        raise UserError(str(e)) from e
 
 
 def cmd_profile(args) -> int:

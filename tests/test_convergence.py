@@ -86,7 +86,7 @@ def test_patched_transformers_model_trains_like_stock():
 
 
 def test_transformers_trainer_on_patched_model_matches_stock(tmp_path):
-    pytest.importorskip("accelerate")                # transformers' Trainer needs it (not a dependency here)
+    pytest.importorskip("accelerate")                # transformers' Trainer needs it (in the [test] extra)
     from transformers import Trainer, TrainingArguments
 
     stock, patched = _hf_pair()
