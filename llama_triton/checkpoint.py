@@ -135,6 +135,8 @@ def load_pretrained(path, dtype=None, device=None, strict: bool = True):
     if mis_typed:                # an integer tensor would load silently (copy_ converts): never allowed
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} has integer tensors for float parameters: "
                               + ", ".join(mis_typed))
+    if mis_shaped and not strict:  # never copy_ (which broadcasts) a tensor of another shape, strict or not
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r}: mis-shaped tensors: " + ", ".join(mis_shaped))
     if strict and (missing or unexpected or mis_shaped):
         lines = [f"checkpoint {os.fspath(path)!r} does not match {config.model_type} config:"]
         for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
@@ -157,8 +159,24 @@ def load_pretrained(path, dtype=None, device=None, strict: bool = True):
                         params[name].copy_(f.get_tensor(name))   # one tensor at a time
         for new, entry in fused.items():                             # issue 17: stacked expert tensors
             params[new].copy_(build_fused(entry, lambda n: _read_tensor(files[n], n)))
+        if missing:                                                  # strict=False: HF's init rule, not to_empty's garbage
+            from .model import _init_parameters
+
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            absent = set(missing)
+            _init_parameters(_Only(model, absent), lambda p: p.copy_(torch.randn(p.shape, generator=gen) * 0.02))
     model.model.reset_rotary(device)
     return model.eval()
+
+
+class _Only:
+    """A view of a module's named_parameters restricted to `names` (for the init rule of missing tensors)."""
+
+    def __init__(self, module, names):
+        self.module, self.names = module, names
+
+    def named_parameters(self):
+        return ((n, p) for n, p in self.module.named_parameters() if n in self.names)
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:

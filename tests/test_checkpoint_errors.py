@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from llama_triton.checkpoint import CheckpointError
+from llama_triton.checkpoint import CheckpointError, load_pretrained
 from llama_triton.model import LlamaConfig, LlamaForCausalLM
 
 
@@ -42,3 +42,26 @@ def test_integer_tensor_for_a_float_parameter(ckpt):
         LlamaForCausalLM.from_pretrained(ckpt)
     with open(ckpt / "config.json") as f:
         assert json.load(f)["hidden_size"] == 64
+
+
+def _rewrite(ckpt, edit):
+    from safetensors.torch import load_file, save_file
+
+    fn = os.fspath(ckpt / "model.safetensors")
+    tensors = load_file(fn)
+    edit(tensors)
+    save_file(tensors, fn)
+
+
+def test_non_strict_load_never_broadcasts_a_mis_shaped_tensor(ckpt):
+    """strict=False tolerates missing/unexpected names, not a tensor of another shape (copy_ would broadcast)."""
+    _rewrite(ckpt, lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"][:1].clone()))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight"):
+        load_pretrained(ckpt, strict=False)
+
+
+def test_non_strict_load_initialises_missing_parameters(ckpt):
+    """A missing tensor gets HF's init rule (norm weights 1), not to_empty's uninitialised memory."""
+    _rewrite(ckpt, lambda t: t.pop("model.norm.weight"))
+    model = load_pretrained(ckpt, strict=False)
+    assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
