@@ -189,7 +189,7 @@ def cmd_compress(args) -> int:
 
     try:
         return run(args, device)
-    except (ValueError, FileNotFoundError) as e:  # bad options or files: one line (main), exit 2
+    except (ValueError, OSError) as e:            # bad options, missing or unwritable paths: one line, exit 2
         raise UserError(str(e).splitlines()[0]) from e
 
 

@@ -330,3 +330,16 @@ def test_cli_compress_refuses_calibration_windows_longer_than_the_model(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--calib-len" in err[0] and "2048" in err[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_cli_compress_out_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    """--out naming an existing file (OSError while writing) is a user error: one line, exit 2."""
+    from llama_triton import cli
+
+    monkeypatch.setenv("LLAMA_TRITON_BACKEND", "torch")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert cli.main(["compress", "--method", "magnitude", "--sparsity", "0.5", "--calib-samples", "1",
+                     "--calib-len", "16", "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a_file" in err[0]
