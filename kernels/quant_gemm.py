@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor, interpreting
+from ._tiles import grouped_tile
 from .quant_layout import CHUNK_WORDS, chunk_k, repacked_shape
 
 SUPPORTED_BITS = (4, 8)
@@ -209,15 +210,8 @@ def _prefill_kernel(
     MID: tl.constexpr = 1 << (BITS - 1)
     KW: tl.constexpr = 16
     CK: tl.constexpr = PACK * KW
-    # ---- tile coordinates: grouped ordering so that GROUP_M row tiles reuse one weight column tile
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    # ---- tile coordinates: grouped order, GROUP_M row tiles share each column tile in L2
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)        # int64: M * K may pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
